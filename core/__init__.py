@@ -1,0 +1,1 @@
+"""Types every stage shares: schema, candidates, request context, bundle, store, settings."""

@@ -1,0 +1,1 @@
+"""Datasets: MovieLens-100k and the seeded synthetic world, in one schema."""
