@@ -22,6 +22,10 @@ class RequestContext:
     now: float = 0.0
     fusion: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> (alpha, beta)
     bucket: str = "main"
+    # Filled once per request by the user-tower stage; read by ann recall and prerank.
+    user_emb: np.ndarray | None = None
+    # Stage-specific notes for the debug trace (e.g. per-path recall counts).
+    trace_extra: dict = field(default_factory=dict)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
     @property

@@ -1,0 +1,1 @@
+"""Composition root: pipeline wiring, HTTP routes (public + admin), CLI."""

@@ -1,0 +1,200 @@
+"""`funnel build`: train everything the server needs and export one bundle directory.
+
+Training side only (imports torch); the server loads just the exported artefacts.
+Everything is fitted on the training split; the held-out split is for `funnel eval`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from core.bundle import write_manifest
+from core.offline_metrics import auc, logloss
+from core.schema import Schema
+from rank.features import ItemTable, model_history, ranker_inputs
+from retrieval.ann import build_index
+from retrieval.graph import build_graph
+from retrieval.itemcf import build_itemcf
+from retrieval.popular import build_popular
+from sim.dataset import Dataset, recent_history
+
+console = Console(stderr=True)
+
+
+def load_dataset(source: dict) -> Dataset:
+    """Rebuild the dataset a bundle was trained on (deterministic), from manifest['source']."""
+    if source["dataset"] == "ml-100k":
+        from sim.ml100k import fetch_ml100k, load_ml100k
+
+        folder = Path(source["path"])
+        if not folder.exists():
+            folder = fetch_ml100k(folder.parent)
+        return load_ml100k(folder, source.get("test_frac", 0.2))
+    if source["dataset"] == "synthetic":
+        from sim.synthetic import WorldConfig, SyntheticWorld
+
+        return SyntheticWorld(WorldConfig(**source["world"])).generate_log()
+    raise ValueError(f"unknown dataset {source['dataset']!r}")
+
+
+def _table(ds: Dataset, item_pop: np.ndarray) -> ItemTable:
+    s = ds.schema
+    col = [f.name for f in s.item_fields].index(s.category_field) if s.category_field else None
+    return ItemTable(ds.item_fields, item_pop, col)
+
+
+def ranker_rows(ds: Dataset, rows: np.ndarray, hist: np.ndarray, rng: np.random.Generator, n_neg: int, neg_p: np.ndarray):
+    """(user, item, hist, labels) rows for the ranker. With implicit negatives (ratings only),
+    every positive row brings `n_neg` unrated items (sampled ∝ popularity^0.75) as click = 0
+    with the other tasks undefined."""
+    user, item, h, lab = ds.ev_user[rows], ds.ev_item[rows], hist[rows], ds.labels[rows]
+    if not ds.implicit_negatives or n_neg == 0:
+        return user, item, h, lab
+    nu = np.repeat(user, n_neg)
+    ni = rng.choice(ds.n_items, size=len(nu), p=neg_p)
+    rated = np.unique(ds.ev_user * ds.n_items + ds.ev_item)
+    ok = ~np.isin(nu * ds.n_items + ni, rated)
+    nl = np.full((len(nu), lab.shape[1]), np.nan, np.float32)
+    nl[:, 0] = 0.0  # click = 0; like/dislike undefined
+    return (
+        np.concatenate([user, nu[ok]]),
+        np.concatenate([item, ni[ok]]),
+        np.concatenate([h, np.repeat(h, n_neg, axis=0)[ok]]),
+        np.concatenate([lab, nl[ok]]),
+    )
+
+
+def head_metrics(schema: Schema, labels: np.ndarray, probs: np.ndarray) -> dict:
+    out = {}
+    for k, t in enumerate(schema.tasks):
+        m = ~np.isnan(labels[:, k])
+        out[t.name] = {
+            "auc": round(auc(labels[m, k], probs[m, k]), 4),
+            "logloss": round(logloss(labels[m, k], probs[m, k]), 4),
+            "n": int(m.sum()),
+            "positive_rate": round(float(np.nanmean(labels[m, k])), 4) if m.any() else None,
+        }
+    return out
+
+
+def build_bundle(ds: Dataset, source: dict, out: Path, *, epochs_tt: int = 8, epochs_rank: int = 4, n_neg: int = 4, seed: int = 0, version: str | None = None) -> dict:
+    import torch
+
+    from rank.train import export_ranker, predict, train_ranker
+    from retrieval.twotower_train import export_user_tower, train_two_tower
+
+    torch.set_num_threads(2)
+    t_start = time.time()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    s = ds.schema
+    L = s.history_len
+    train = ~ds.test
+    train_pos = train & ds.positive
+    metrics: dict = {}
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
+    with progress:
+        # 1. histories: for every row, the user's positives strictly before it
+        step = progress.add_task("histories", total=1, note="")
+        hist = recent_history(ds.ev_user, ds.ev_item, ds.positive, ds.n_users, L)
+        hist_ids = model_history(hist)
+        progress.update(step, advance=1)
+
+        # 2. popularity / fresh (train split only)
+        step = progress.add_task("popular + fresh", total=1, note="")
+        pop = build_popular(ds.ev_item[train_pos], ds.ev_ts[train_pos], ds.n_items)
+        item_pop = np.log1p(pop).astype(np.float32)
+        popular = np.argsort(-pop, kind="stable")[: min(ds.n_items, 5000)].astype(np.int64)
+        fresh = np.argsort(-ds.item_created, kind="stable")[: min(ds.n_items, 5000)].astype(np.int64)
+        np.save(tmp / "popular.npy", popular)
+        np.save(tmp / "fresh.npy", fresh)
+        progress.update(step, advance=1)
+
+        # 3. two-tower
+        rows = np.flatnonzero(train_pos)
+        step = progress.add_task("two-tower", total=epochs_tt, note="")
+        tt = train_two_tower(
+            n_users=ds.n_users, n_items=ds.n_items,
+            user_vocabs=[f.vocab for f in s.user_fields], item_vocabs=[f.vocab for f in s.item_fields],
+            item_fields=ds.item_fields, row_user=ds.ev_user[rows], row_user_fields=ds.user_fields[ds.ev_user[rows]],
+            row_hist=hist_ids[rows], row_item=ds.ev_item[rows], dim=s.emb_dim, epochs=epochs_tt, seed=seed,
+            progress=lambda e, n, loss: progress.update(step, completed=e, note=f"loss {loss:.3f}"),
+        )
+        ut_sig = export_user_tower(tt.user_tower, len(s.user_fields), L, tmp / "user_tower.onnx")
+        np.save(tmp / "item_emb.npy", tt.item_emb)
+        metrics["two_tower"] = {"train_loss": round(tt.train_loss, 4)}
+
+        step = progress.add_task("ann index", total=1, note="")
+        import faiss
+
+        index, ann_params = build_index(tt.item_emb)
+        faiss.write_index(index, str(tmp / "ann.faiss"))
+        progress.update(step, advance=1, note=ann_params["type"])
+
+        # 4. item-CF and graph
+        step = progress.add_task("item-cf", total=1, note="")
+        cf = build_itemcf(ds.ev_user[train_pos], ds.ev_item[train_pos], ds.n_users, ds.n_items)
+        np.savez(tmp / "itemcf.npz", **cf)
+        progress.update(step, advance=1, note=f"{len(cf['indices'])} pairs")
+        step = progress.add_task("graph", total=1, note="")
+        g = build_graph(ds.ev_user[train_pos], ds.ev_item[train_pos], ds.n_users, ds.n_items)
+        np.savez(tmp / "graph.npz", **g)
+        progress.update(step, advance=1, note=f"{len(g['ui_indices'])} edges")
+
+        # 5. ranker
+        table = _table(ds, item_pop)
+        neg_p = (pop + 1.0) ** 0.75
+        neg_p /= neg_p.sum()
+        tr_u, tr_i, tr_h, tr_y = ranker_rows(ds, np.flatnonzero(train), hist_ids, rng, n_neg, neg_p)
+        te_u, te_i, te_h, te_y = ranker_rows(ds, np.flatnonzero(ds.test), hist_ids, np.random.default_rng(seed + 1), n_neg, neg_p)
+        feeds = ranker_inputs(table, tr_u, ds.user_fields[tr_u], tr_h, tr_i)
+        step = progress.add_task("ranker", total=epochs_rank, note=f"{len(tr_u)} rows")
+        rk = train_ranker(
+            feeds, tr_y, n_users=ds.n_users, n_items=ds.n_items,
+            user_vocabs=[f.vocab for f in s.user_fields], item_vocabs=[f.vocab for f in s.item_fields],
+            epochs=epochs_rank, seed=seed,
+            progress=lambda e, n, loss: progress.update(step, completed=e, note=f"loss {loss:.3f}"),
+        )
+        rk_sig = export_ranker(rk.model, len(s.user_fields), len(s.item_fields), L, tmp / "ranker.onnx")
+        probs = predict(rk.model, ranker_inputs(table, te_u, ds.user_fields[te_u], te_h, te_i))
+        metrics["ranker_heldout"] = head_metrics(s, te_y, probs)
+        metrics["ranker_train_loss"] = round(rk.train_loss, 4)
+
+        # 6. catalog and users
+        step = progress.add_task("items + users", total=1, note="")
+        np.savez(
+            tmp / "items.npz",
+            item_ids=ds.item_ids.astype(str), item_fields=ds.item_fields.astype(np.int64),
+            item_created=ds.item_created.astype(np.float64), item_pop=item_pop,
+        )
+        # Build-time history: the training split's positives per user, chronological (CSR).
+        hu, hi, hts = ds.ev_user[train_pos], ds.ev_item[train_pos], ds.ev_ts[train_pos]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(hu, minlength=ds.n_users))]).astype(np.int64)
+        np.savez(
+            tmp / "users.npz",
+            user_ids=ds.user_ids.astype(str), user_fields=ds.user_fields.astype(np.int64),
+            hist_indptr=indptr, hist_items=hi.astype(np.int64), hist_ts=hts.astype(np.float64),
+        )
+        progress.update(step, advance=1)
+
+    version = version or out.name
+    metrics["build_seconds"] = round(time.time() - t_start, 1)
+    manifest = write_manifest(
+        tmp, version=version, schema=s, models={"user_tower": ut_sig, "ranker": rk_sig}, ann=ann_params,
+        metrics=metrics, extra={"source": source, "counts": {"users": ds.n_users, "items": ds.n_items, "events": int(len(ds.ev_user)), "train_events": int(train.sum()), "test_events": int(ds.test.sum())}},
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return manifest

@@ -1,0 +1,140 @@
+"""The `funnel` command."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Funnel: multi-stage recommendation serving.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="dataset name: ml-100k")],
+    data_dir: Annotated[Path, typer.Option(help="where datasets live")] = Path("data"),
+) -> None:
+    """Download a dataset (ml-100k: from the recbole==1.2.1 wheel on the package index)."""
+    if name != "ml-100k":
+        raise typer.BadParameter(f"unknown dataset {name!r}; known: ml-100k", param_hint="name")
+    from sim.ml100k import fetch_ml100k
+
+    folder = fetch_ml100k(data_dir)
+    typer.echo(f"ml-100k ready in {folder}")
+
+
+@app.command()
+def build(
+    dataset: Annotated[str, typer.Option(help="ml-100k or synthetic")] = "ml-100k",
+    out: Annotated[Path, typer.Option(help="bundle directory, e.g. bundles/v1")] = Path("bundles/v1"),
+    data_dir: Annotated[Path, typer.Option(help="where datasets live")] = Path("data"),
+    items: Annotated[int, typer.Option(help="synthetic: catalog size")] = 5000,
+    users: Annotated[int, typer.Option(help="synthetic: users (default: items / 2.5)")] = 0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    epochs_tt: Annotated[int, typer.Option(help="two-tower epochs")] = 8,
+    epochs_rank: Annotated[int, typer.Option(help="ranker epochs")] = 4,
+    link: Annotated[Optional[Path], typer.Option(help="also point this symlink (e.g. bundles/current) at the bundle")] = None,
+) -> None:
+    """Train and export a bundle (needs the `train` extra: torch)."""
+    try:
+        from app.build import build_bundle
+    except ImportError as e:
+        typer.echo(f"building needs the training extra: pip install -e '.[train]' ({e})", err=True)
+        raise typer.Exit(2)
+    if dataset == "ml-100k":
+        from sim.ml100k import fetch_ml100k, load_ml100k
+
+        folder = fetch_ml100k(data_dir)
+        ds = load_ml100k(folder)
+        source = {"dataset": "ml-100k", "path": str(folder.resolve()), "test_frac": 0.2}
+    elif dataset == "synthetic":
+        from dataclasses import asdict
+
+        from sim.synthetic import SyntheticWorld, WorldConfig
+
+        cfg = WorldConfig(n_items=items, n_users=users or max(200, int(items / 2.5)), seed=seed)
+        ds = SyntheticWorld(cfg).generate_log()
+        source = {"dataset": "synthetic", "world": asdict(cfg)}
+    else:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; known: ml-100k, synthetic", param_hint="--dataset")
+    manifest = build_bundle(ds, source, out, epochs_tt=epochs_tt, epochs_rank=epochs_rank, seed=seed)
+    if link is not None:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(link.name + ".tmp")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(out.resolve())
+        os.replace(tmp, link)
+    typer.echo(json.dumps({"bundle": str(out), "version": manifest["version"], "metrics": manifest["metrics"]}, indent=2))
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Optional[Path], typer.Option(help="bundle directory (default FUNNEL_BUNDLE or bundles/current)")] = None,
+    host: Annotated[Optional[str], typer.Option()] = None,
+    port: Annotated[Optional[int], typer.Option()] = None,
+    workers: Annotated[Optional[int], typer.Option()] = None,
+) -> None:
+    """Serve the HTTP API with uvicorn."""
+    import uvicorn
+
+    from core.bundle import MANIFEST
+    from core.settings import Settings
+
+    overrides = {k: v for k, v in {"bundle": bundle, "host": host, "port": port, "workers": workers}.items() if v is not None}
+    settings = Settings(**overrides)
+    if not (Path(settings.bundle) / MANIFEST).exists():
+        typer.echo(
+            f"no bundle at {settings.bundle}. Build one first, e.g.:\n"
+            f"  funnel build --dataset ml-100k --out bundles/ml-100k --link {settings.bundle}",
+            err=True,
+        )
+        raise typer.Exit(2)
+    # Settings reach worker processes through the environment.
+    for k, v in overrides.items():
+        os.environ[f"FUNNEL_{k.upper()}"] = str(v)
+    uvicorn.run(
+        "app.asgi:app", host=settings.host, port=settings.port, workers=settings.workers,
+        log_level=settings.log_level, http="httptools", loop="uvloop",
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    bundle: Annotated[Path, typer.Option(help="bundle directory")] = Path("bundles/current"),
+    k: Annotated[int, typer.Option(help="cut-off K")] = 20,
+    max_users: Annotated[int, typer.Option(help="sample at most this many held-out users")] = 2000,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Offline metrics on the bundle's held-out split."""
+    from app.evaluate import evaluate
+
+    report = evaluate(bundle, k=k, max_users=max_users)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{report['bundle']} ({report['dataset']}), {report['users']} held-out users")
+    t.add_column("path")
+    t.add_column(f"recall@{k}", justify="right")
+    t.add_column(f"ndcg@{k}", justify="right")
+    for name, m in list(report["recall"].items()) + [("pipeline", report["pipeline"])]:
+        t.add_row(name, f"{m[f'recall@{k}']:.4f}", f"{m[f'ndcg@{k}']:.4f}")
+    c = Console()
+    c.print(t)
+    c.print({t: v for t, v in report["ranker_auc"].items()}, "ranker AUC per task")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Pipeline wiring: a declarative list of stages built once from a bundle and settings."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from core.bundle import Bundle
+from core.candidates import Candidates, source_names
+from core.context import RequestContext
+from core.settings import Settings
+from fusion.formula import MultiplicativeFusion, default_params
+from prerank.cascade import TwoTowerPrerank
+from rank.features import ItemTable, pad_history, user_tower_inputs
+from rank.ranker import MultiTaskRankerStage
+from rerank.sort import FusedSortReranker
+from retrieval.ann import AnnRecall
+from retrieval.graph import GraphRecall
+from retrieval.itemcf import ItemCFRecall
+from retrieval.merge import RecallMerge
+from retrieval.popular import ListRecall
+
+POSITIVE_EVENTS = frozenset({"click", "dwell", "like", "share", "follow"})
+
+
+class Stage(Protocol):
+    name: str
+
+    def __call__(self, ctx: RequestContext, cands: Candidates) -> Candidates: ...
+
+
+class UserQueryStage:
+    """Computes the user's query vector once per request (ann recall and prerank read it).
+    Cold users with no history get none, so they are served popular + fresh."""
+
+    name = "user_tower"
+
+    def __init__(self, session, history_len: int):
+        self.session, self.history_len = session, history_len
+
+    def __call__(self, ctx: RequestContext, cands: Candidates) -> Candidates:
+        if ctx.known or len(ctx.history):
+            feeds = user_tower_inputs(
+                np.array([ctx.user_idx if ctx.known else -1]),
+                ctx.user_fields.reshape(1, -1),
+                pad_history(ctx.history, self.history_len).reshape(1, -1),
+            )
+            (emb,) = self.session.run(["user_emb"], feeds)
+            ctx.user_emb = emb[0].astype(np.float32)
+        return cands
+
+
+@dataclass
+class StageTrace:
+    name: str
+    n_in: int
+    n_out: int
+    ms: float
+    sources: dict[str, int]
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, settings: Settings, observe: Callable[[str, float], None] | None = None, on_error=None):
+        self.bundle, self.settings = bundle, settings
+        schema = bundle.schema
+        s = settings
+        table = ItemTable(
+            bundle.item_fields,
+            bundle.item_pop,
+            [f.name for f in schema.item_fields].index(schema.category_field) if schema.category_field else None,
+        )
+        sources = [
+            AnnRecall(bundle.ann_index, s.ann_k),
+            ItemCFRecall(bundle.itemcf_indptr, bundle.itemcf_indices, bundle.itemcf_data, s.itemcf_seeds, s.itemcf_decay, s.quota_itemcf * 2),
+            GraphRecall(bundle.ui_indptr, bundle.ui_indices, bundle.iu_indptr, bundle.iu_indices, s.graph_walkers, s.graph_steps, s.graph_restart, s.graph_seeds, s.quota_graph * 2),
+            ListRecall("popular", bundle.popular, bundle.popular_score, s.quota_popular),
+            ListRecall("fresh", bundle.fresh, -np.arange(len(bundle.fresh), dtype=np.float32), s.quota_fresh),
+        ]
+        self.fusion_params = default_params(schema, s.fusion)
+        self.stages: list[Stage] = [
+            UserQueryStage(bundle.user_tower, schema.history_len),
+            RecallMerge(sources, s.quotas(), s.recall_total, on_error=on_error),
+            TwoTowerPrerank(bundle.item_emb, s.prerank_a_keep),
+            MultiTaskRankerStage(bundle.ranker, table, schema.history_len, len(schema.tasks)),
+            MultiplicativeFusion(schema, self.fusion_params),
+            FusedSortReranker(),
+        ]
+        self.observe = observe
+
+    def run(self, ctx: RequestContext) -> tuple[Candidates, list[StageTrace]]:
+        cands = Candidates.empty()
+        trace = []
+        for stage in self.stages:
+            t0 = time.perf_counter()
+            n_in = len(cands)
+            cands = stage(ctx, cands)
+            ms = (time.perf_counter() - t0) * 1e3
+            if self.observe:
+                self.observe(stage.name, ms / 1e3)
+            if ctx.debug:
+                trace.append(StageTrace(stage.name, n_in, len(cands), round(ms, 3), {k: v for k, v in cands.source_counts().items() if v}))
+        return cands, trace
+
+    # --- request context -------------------------------------------------------------------
+
+    def context(
+        self,
+        *,
+        request_id: str,
+        user_id: str,
+        count: int,
+        scene: str,
+        exclude_item_ids: list[str],
+        events: list[tuple[str, str, float]],  # real-time (item_id, type, ts), most recent first
+        debug: bool = False,
+        now: float | None = None,
+        fusion: dict | None = None,
+        bucket: str = "main",
+        seed: int | None = None,
+    ) -> RequestContext:
+        b = self.bundle
+        u = b.user_index.get(user_id, -1)
+        if u >= 0:
+            fields = b.user_fields[u]
+            base_items, base_ts = b.user_history(u)
+        else:
+            fields = np.zeros(len(b.schema.user_fields), np.int64)
+            base_items, base_ts = np.zeros(0, np.int64), np.zeros(0, np.float64)
+        rt_items = np.array([b.item_index.get(i, -1) for i, _, _ in events], np.int64)
+        rt_pos = np.array([t in POSITIVE_EVENTS for _, t, _ in events], bool)
+        rt_ts = np.array([ts for _, _, ts in events], np.float64)
+        known_rt = rt_items >= 0
+        pos = known_rt & rt_pos
+        # History: real-time positives (most recent first, deduplicated) then build-time history reversed.
+        hist = np.concatenate([rt_items[pos], base_items[::-1]])
+        hts = np.concatenate([rt_ts[pos], base_ts[::-1]])
+        _, first = np.unique(hist, return_index=True)
+        first.sort()
+        hist, hts = hist[first], hts[first]
+        seen = np.unique(np.concatenate([base_items, rt_items[known_rt]]))
+        ex = np.array([b.item_index.get(i, -1) for i in exclude_item_ids], np.int64)
+        exclude = np.unique(ex[ex >= 0])
+        return RequestContext(
+            request_id=request_id,
+            user_id=user_id,
+            user_idx=u,
+            user_fields=np.asarray(fields, np.int64),
+            history=hist.astype(np.int64),
+            history_ts=hts,
+            seen=seen.astype(np.int64),
+            exclude=exclude,
+            count=count,
+            scene=scene,
+            debug=debug,
+            now=time.time() if now is None else now,
+            fusion=fusion or {},
+            bucket=bucket,
+            rng=np.random.default_rng(seed),
+        )
+
+    def describe(self, cands: Candidates) -> list[dict]:
+        """Response items: external id, fused score, recall sources."""
+        ids = self.bundle.item_ids[cands.item].tolist()
+        return [
+            {"item_id": str(i), "score": float(s), "sources": source_names(int(m))}
+            for i, s, m in zip(ids, cands.score.tolist(), cands.source.tolist())
+        ]

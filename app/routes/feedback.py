@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import ORJSONResponse
+
+from app.deps import StateDep
+from app.errors import FieldError
+from app.schemas import FeedbackRequest, FeedbackResponse
+from core.store import FeedbackEvent
+
+router = APIRouter(tags=["feedback"])
+
+
+@router.post("/v1/feedback", status_code=202, response_model=FeedbackResponse)
+async def feedback(req: FeedbackRequest, state: StateDep):
+    """Events are durable once this returns 202, deduplicated by (request_id, item_id, type),
+    and must refer to a served request of the same user and to items that request returned."""
+    served = await run_in_threadpool(state.store.get_served, req.request_id)
+    if served is None:
+        raise FieldError(("body", "request_id"), "unknown request_id (not served, or expired from the served log)")
+    if served.user_id != req.user_id:
+        raise FieldError(("body", "user_id"), "user_id does not match the user the request was served to")
+    served_items = set(served.items)
+    for k, e in enumerate(req.events):
+        if e.item_id not in served_items:
+            raise FieldError(("body", "events", k, "item_id"), f"item {e.item_id!r} was not in the served list of this request")
+    now = time.time()
+    events = [FeedbackEvent(e.item_id, e.type, e.value, e.ts if e.ts is not None else now) for e in req.events]
+    inserted = await run_in_threadpool(state.store.add_feedback, req.request_id, req.user_id, events)
+    for e in req.events:
+        state.metrics.feedback_events.labels(e.type).inc()
+    body = FeedbackResponse(accepted=inserted, duplicates=len(events) - inserted)
+    return ORJSONResponse(body.model_dump(), status_code=202)

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import ORJSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import StateDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep):
+    if state.pipeline is None:
+        return ORJSONResponse({"status": "not ready", "reason": state.load_error or "loading bundle"}, status_code=503)
+    return {"status": "ready", "bundle_version": state.pipeline.bundle.version}
+
+
+@router.get("/metrics")
+async def metrics(state: StateDep) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

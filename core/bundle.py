@@ -1,0 +1,289 @@
+"""The model bundle: a directory of artefacts plus `manifest.json`.
+
+The manifest lists every file with its sha256 and size, the schema, the ONNX models'
+declared inputs/outputs and the ANN index parameters. `Bundle.load` refuses to serve a
+bundle whose files, checksums, ONNX signatures or faiss index disagree with the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.schema import Schema
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+REQUIRED_FILES = (
+    "items.npz",
+    "users.npz",
+    "user_tower.onnx",
+    "item_emb.npy",
+    "ann.faiss",
+    "itemcf.npz",
+    "graph.npz",
+    "popular.npy",
+    "fresh.npy",
+    "ranker.onnx",
+)
+
+
+class BundleError(Exception):
+    """The bundle cannot be served; the message says why."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(
+    out: Path,
+    *,
+    version: str,
+    schema: Schema,
+    models: dict[str, Any],
+    ann: dict[str, Any],
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """Hash every file in `out` (except the manifest) and write manifest.json atomically."""
+    out = Path(out)
+    files = {}
+    for p in sorted(out.iterdir()):
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
+            files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "version": version,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": schema.dataset,
+        "schema": schema.to_dict(),
+        "files": files,
+        "models": models,
+        "ann": ann,
+        "metrics": metrics,
+        **(extra or {}),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def read_manifest(path: Path) -> dict:
+    mpath = Path(path) / MANIFEST
+    if not mpath.exists():
+        raise BundleError(f"{path}: no {MANIFEST} (build one with `funnel build`)")
+    try:
+        return json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e})") from e
+
+
+def _check_files(path: Path, manifest: dict, verify_checksums: bool) -> None:
+    files = manifest.get("files", {})
+    missing_decl = [f for f in REQUIRED_FILES if f not in files]
+    if missing_decl:
+        raise BundleError(f"{path}: manifest does not list required files {missing_decl}")
+    for name, meta in files.items():
+        p = path / name
+        if not p.exists():
+            raise BundleError(f"{path}: missing file {name}")
+        size = p.stat().st_size
+        if size != meta["bytes"]:
+            raise BundleError(f"{path}: {name} is {size} bytes, manifest says {meta['bytes']}")
+        if verify_checksums and sha256_file(p) != meta["sha256"]:
+            raise BundleError(f"{path}: checksum mismatch for {name}")
+
+
+def _check_onnx_signature(name: str, sess, declared: dict) -> None:
+    """Inputs/outputs of an ONNX session must match the manifest (names and static dims)."""
+
+    def dims(shape):
+        return [d if isinstance(d, int) else None for d in shape]
+
+    for kind, actual in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+        want = declared.get(kind, {})
+        got = {a.name: dims(a.shape) for a in actual}
+        if set(got) != set(want):
+            raise BundleError(f"{name}: ONNX {kind} {sorted(got)} differ from the manifest's {sorted(want)}")
+        for k, shape in want.items():
+            if len(shape) != len(got[k]) or any(w is not None and w != g for w, g in zip(shape, got[k])):
+                raise BundleError(f"{name}: ONNX {kind[:-1]} {k} has shape {got[k]}, manifest says {shape}")
+
+
+def onnx_session(path: Path, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # One compute thread per worker: more threads oversubscribe 2 cores (PERF-NOTES).
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    schema: Schema
+    item_ids: np.ndarray
+    item_fields: np.ndarray
+    item_created: np.ndarray
+    item_pop: np.ndarray  # float32 log1p(decayed train popularity) per item
+    user_ids: np.ndarray
+    user_fields: np.ndarray
+    hist_indptr: np.ndarray  # user -> build-time positive history (chronological), CSR
+    hist_items: np.ndarray
+    hist_ts: np.ndarray
+    item_emb: np.ndarray  # float32 [I, D], L2-normalised
+    ann_index: Any
+    itemcf_indptr: np.ndarray
+    itemcf_indices: np.ndarray
+    itemcf_data: np.ndarray
+    ui_indptr: np.ndarray
+    ui_indices: np.ndarray
+    iu_indptr: np.ndarray
+    iu_indices: np.ndarray
+    popular: np.ndarray  # item indices, best first
+    popular_score: np.ndarray
+    fresh: np.ndarray  # item indices, newest first
+    user_tower: Any
+    ranker: Any
+    user_index: dict[str, int] = field(default_factory=dict)
+    item_index: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def user_history(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        s, e = self.hist_indptr[u], self.hist_indptr[u + 1]
+        return self.hist_items[s:e], self.hist_ts[s:e]
+
+    @classmethod
+    def load(cls, path: Path | str, threads: int = 1, verify_checksums: bool = True) -> "Bundle":
+        import faiss
+
+        path = Path(path)
+        if not path.exists():
+            raise BundleError(f"no bundle at {path}: build one with `funnel build --dataset ml-100k --out {path}`")
+        manifest = read_manifest(path)
+        if manifest.get("format") != FORMAT_VERSION:
+            raise BundleError(f"{path}: bundle format {manifest.get('format')} is not {FORMAT_VERSION}")
+        _check_files(path, manifest, verify_checksums)
+        try:
+            schema = Schema.from_dict(manifest["schema"])
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"{path}: manifest schema is malformed ({e})") from e
+
+        try:
+            items = dict(np.load(path / "items.npz", allow_pickle=False))
+            users = dict(np.load(path / "users.npz", allow_pickle=False))
+            itemcf = dict(np.load(path / "itemcf.npz", allow_pickle=False))
+            graph = dict(np.load(path / "graph.npz", allow_pickle=False))
+            item_emb = np.load(path / "item_emb.npy", mmap_mode="r")
+            popular = np.load(path / "popular.npy", allow_pickle=False)
+            fresh = np.load(path / "fresh.npy", allow_pickle=False)
+        except (OSError, ValueError, KeyError) as e:
+            raise BundleError(f"{path}: unreadable array file ({e})") from e
+
+        n_items = len(items["item_ids"])
+        n_users = len(users["user_ids"])
+        d = schema.emb_dim
+        _expect(item_emb.shape == (n_items, d), f"item_emb.npy has shape {item_emb.shape}, expected ({n_items}, {d})")
+        _expect(items["item_fields"].shape == (n_items, len(schema.item_fields)), "items.npz item_fields shape differs from the schema")
+        _expect(users["user_fields"].shape == (n_users, len(schema.user_fields)), "users.npz user_fields shape differs from the schema")
+        _expect(len(users["hist_indptr"]) == n_users + 1, "users.npz hist_indptr length is not n_users + 1")
+        _expect(len(itemcf["indptr"]) == n_items + 1, "itemcf.npz indptr length is not n_items + 1")
+        _expect(len(graph["iu_indptr"]) == n_items + 1 and len(graph["ui_indptr"]) == n_users + 1, "graph.npz adjacency sizes differ from the catalog")
+        for name, arr in (("popular.npy", popular), ("fresh.npy", fresh), ("itemcf indices", itemcf["indices"]), ("graph ui_indices", graph["ui_indices"])):
+            _expect(arr.size == 0 or (arr.min() >= 0 and arr.max() < n_items), f"{name} holds item indices outside the catalog")
+
+        try:
+            index = faiss.read_index(str(path / "ann.faiss"))
+        except RuntimeError as e:
+            raise BundleError(f"{path}: ann.faiss unreadable ({e})") from e
+        _expect(index.ntotal == n_items, f"ann.faiss holds {index.ntotal} vectors, catalog has {n_items}")
+        _expect(index.d == d, f"ann.faiss dimension {index.d} differs from emb_dim {d}")
+        ann_params = manifest.get("ann", {})
+        if "efSearch" in ann_params and hasattr(faiss, "downcast_index"):
+            faiss.downcast_index(index).hnsw.efSearch = int(ann_params["efSearch"])
+        if "nprobe" in ann_params:
+            faiss.extract_index_ivf(index).nprobe = int(ann_params["nprobe"])
+
+        models = manifest.get("models", {})
+        sessions = {}
+        for name in ("user_tower", "ranker"):
+            try:
+                sess = onnx_session(path / f"{name}.onnx", threads)
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise BundleError(f"{path}: {name}.onnx unloadable ({e})") from e
+            if name not in models:
+                raise BundleError(f"{path}: manifest declares no signature for {name}")
+            _check_onnx_signature(f"{name}.onnx", sess, models[name])
+            sessions[name] = sess
+        # Declared signatures must agree with the schema, not only with the files.
+        ut = models["user_tower"]["inputs"]
+        _expect(ut.get("user_fields", [None, -1])[1] == len(schema.user_fields), "user_tower user_fields width differs from the schema")
+        _expect(ut.get("hist", [None, -1])[1] == schema.history_len, "user_tower hist length differs from the schema")
+        rk = models["ranker"]["outputs"]
+        _expect(list(rk.get("probs", [None, -1]))[1] == len(schema.tasks), "ranker output width differs from the number of tasks")
+
+        b = cls(
+            path=path,
+            manifest=manifest,
+            schema=schema,
+            item_ids=items["item_ids"],
+            item_fields=items["item_fields"],
+            item_created=items["item_created"],
+            item_pop=items["item_pop"].astype(np.float32),
+            user_ids=users["user_ids"],
+            user_fields=users["user_fields"],
+            hist_indptr=users["hist_indptr"],
+            hist_items=users["hist_items"],
+            hist_ts=users["hist_ts"],
+            item_emb=np.ascontiguousarray(item_emb),
+            ann_index=index,
+            itemcf_indptr=itemcf["indptr"],
+            itemcf_indices=itemcf["indices"],
+            itemcf_data=itemcf["data"],
+            ui_indptr=graph["ui_indptr"],
+            ui_indices=graph["ui_indices"],
+            iu_indptr=graph["iu_indptr"],
+            iu_indices=graph["iu_indices"],
+            popular=popular,
+            popular_score=items["item_pop"][popular].astype(np.float32),
+            fresh=fresh,
+            user_tower=sessions["user_tower"],
+            ranker=sessions["ranker"],
+        )
+        b.user_index = {str(u): k for k, u in enumerate(b.user_ids.tolist())}
+        b.item_index = {str(i): k for k, i in enumerate(b.item_ids.tolist())}
+        return b
+
+
+def _expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise BundleError(msg)

@@ -1,0 +1,1 @@
+"""Feature assembly for the ranker, the multi-task ranker stage, and its training (train.py)."""

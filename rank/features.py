@@ -1,0 +1,72 @@
+"""One vectorised feature assembly for user × candidates, used by training and serving
+alike so offline and online features cannot drift apart.
+
+Id conventions inside every model: item index + 1 and user index + 1, with 0 meaning
+padding / unknown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DENSE_FEATURES = ("item_log_pop", "user_log_hist", "category_match")
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """Per-item arrays the assembly reads (from the bundle or from the training dataset)."""
+
+    item_fields: np.ndarray  # int64 [I, Fi]
+    item_pop: np.ndarray  # float32 [I] log-popularity
+    category_col: int | None  # column of item_fields holding the category, if any
+
+
+def pad_history(history: np.ndarray, length: int) -> np.ndarray:
+    """Most-recent-first item indices -> model ids (index + 1), zero-padded to `length`."""
+    out = np.zeros(length, np.int64)
+    h = np.asarray(history[:length], np.int64)
+    out[: len(h)] = h + 1
+    return out
+
+
+def model_history(hist: np.ndarray) -> np.ndarray:
+    """[N, L] item indices with -1 padding -> model ids with 0 padding."""
+    return np.where(hist >= 0, hist + 1, 0).astype(np.int64)
+
+
+def ranker_inputs(
+    table: ItemTable,
+    user_idx: np.ndarray,  # int64 [N] user index, -1 unknown
+    user_fields: np.ndarray,  # int64 [N, Fu]
+    hist_ids: np.ndarray,  # int64 [N, L] model ids (0 = pad)
+    items: np.ndarray,  # int64 [N] item indices
+) -> dict[str, np.ndarray]:
+    """The ranker's ONNX feed for N (user, item) rows."""
+    items = np.asarray(items, np.int64)
+    hist_ids = np.asarray(hist_ids, np.int64)
+    valid = hist_ids > 0
+    n_hist = valid.sum(axis=1)
+    if table.category_col is not None:
+        cats = table.item_fields[:, table.category_col]
+        hist_cat = np.where(valid, cats[np.maximum(hist_ids - 1, 0)], -1)
+        match = (hist_cat == cats[items][:, None]).sum(axis=1) / np.maximum(n_hist, 1)
+    else:
+        match = np.zeros(len(items))
+    dense = np.stack([table.item_pop[items], np.log1p(n_hist), match], axis=1).astype(np.float32)
+    return {
+        "user_idx": np.ascontiguousarray(np.asarray(user_idx, np.int64) + 1),
+        "user_fields": np.ascontiguousarray(user_fields, dtype=np.int64),
+        "hist": np.ascontiguousarray(hist_ids),
+        "item_idx": items + 1,
+        "item_fields": np.ascontiguousarray(table.item_fields[items]),
+        "dense": dense,
+    }
+
+
+def user_tower_inputs(user_idx: np.ndarray, user_fields: np.ndarray, hist_ids: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "user_idx": np.ascontiguousarray(np.asarray(user_idx, np.int64) + 1),
+        "user_fields": np.ascontiguousarray(user_fields, dtype=np.int64),
+        "hist": np.ascontiguousarray(hist_ids, dtype=np.int64),
+    }

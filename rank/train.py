@@ -1,0 +1,147 @@
+"""Multi-task ranker training (torch, offline only) and ONNX export.
+
+First version: shared-bottom network over user/item ids, profile and item fields, the
+mean-pooled recent-item sequence and the dense match features, one sigmoid head per task.
+Labels that are undefined for a row (NaN, e.g. like where not clicked) are masked out of
+that task's loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rank.features import DENSE_FEATURES
+from retrieval.twotower_train import FieldEmbedding, masked_mean
+
+
+class MultiTaskRanker(nn.Module):
+    def __init__(self, n_users, n_items, user_vocabs, item_vocabs, n_tasks, dim=16, hidden=(128, 64)):
+        super().__init__()
+        self.user_emb = nn.Embedding(n_users + 1, dim)
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        for e in (self.user_emb, self.item_emb):
+            nn.init.normal_(e.weight, std=0.05)
+        self.user_fields = FieldEmbedding(user_vocabs, dim)
+        self.item_fields = FieldEmbedding(item_vocabs, dim)
+        n_dense = len(DENSE_FEATURES)
+        in_dim = 5 * dim + dim + n_dense  # ids, fields, pooled history, item⊙history, dense
+        layers, d = [], in_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        self.bottom = nn.Sequential(*layers)
+        self.heads = nn.Linear(d, n_tasks)
+
+    def logits(self, user_idx, user_fields, hist, item_idx, item_fields, dense):
+        u = self.user_emb(user_idx)
+        i = self.item_emb(item_idx)
+        h = masked_mean(self.item_emb(hist), hist)
+        x = torch.cat([u, self.user_fields(user_fields), i, self.item_fields(item_fields), h, i * h, dense], dim=1)
+        return self.heads(self.bottom(x))
+
+    def forward(self, user_idx, user_fields, hist, item_idx, item_fields, dense):
+        return torch.sigmoid(self.logits(user_idx, user_fields, hist, item_idx, item_fields, dense))
+
+
+INPUT_NAMES = ["user_idx", "user_fields", "hist", "item_idx", "item_fields", "dense"]
+
+
+@dataclass
+class RankerResult:
+    model: MultiTaskRanker
+    train_loss: float
+
+
+def train_ranker(
+    feeds: dict[str, np.ndarray],
+    labels: np.ndarray,  # float32 [N, T], NaN = undefined
+    *,
+    n_users: int,
+    n_items: int,
+    user_vocabs: list[int],
+    item_vocabs: list[int],
+    task_weights: np.ndarray | None = None,
+    epochs: int = 4,
+    batch_size: int = 2048,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-6,
+    seed: int = 0,
+    progress=None,
+) -> RankerResult:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n, t = labels.shape
+    model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES]
+    mask = ~np.isnan(labels)
+    y = torch.from_numpy(np.nan_to_num(labels, nan=0.0).astype(np.float32))
+    m = torch.from_numpy(mask.astype(np.float32))
+    w = torch.from_numpy(np.ones(t, np.float32) if task_weights is None else task_weights.astype(np.float32))
+    last = 0.0
+    for ep in range(epochs):
+        perm = torch.from_numpy(rng.permutation(n))
+        total, steps = 0.0, 0
+        model.train()
+        for s in range(0, n, batch_size):
+            b = perm[s : s + batch_size]
+            z = model.logits(*(x[b] for x in tensors))
+            per = F.binary_cross_entropy_with_logits(z, y[b], reduction="none") * m[b]
+            loss = ((per.sum(0) / m[b].sum(0).clamp(min=1.0)) * w).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+        last = total / max(steps, 1)
+        if progress is not None:
+            progress(ep + 1, epochs, last)
+    model.eval()
+    return RankerResult(model, last)
+
+
+def predict(model: MultiTaskRanker, feeds: dict[str, np.ndarray], batch: int = 16384) -> np.ndarray:
+    out = []
+    n = len(feeds["item_idx"])
+    with torch.no_grad():
+        for s in range(0, n, batch):
+            out.append(model(*(torch.from_numpy(np.ascontiguousarray(feeds[k][s : s + batch])) for k in INPUT_NAMES)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.heads.out_features), np.float32)
+
+
+def export_ranker(model: MultiTaskRanker, n_user_fields: int, n_item_fields: int, history_len: int, path: Path) -> dict:
+    model.eval()
+    example = (
+        torch.zeros(2, dtype=torch.int64),
+        torch.zeros(2, n_user_fields, dtype=torch.int64),
+        torch.zeros(2, history_len, dtype=torch.int64),
+        torch.ones(2, dtype=torch.int64),
+        torch.zeros(2, n_item_fields, dtype=torch.int64),
+        torch.zeros(2, len(DENSE_FEATURES), dtype=torch.float32),
+    )
+    torch.onnx.export(
+        model,
+        example,
+        str(path),
+        input_names=INPUT_NAMES,
+        output_names=["probs"],
+        dynamic_axes={k: {0: "batch"} for k in INPUT_NAMES + ["probs"]},
+        opset_version=17,
+        dynamo=False,
+    )
+    return {
+        "inputs": {
+            "user_idx": [None],
+            "user_fields": [None, n_user_fields],
+            "hist": [None, history_len],
+            "item_idx": [None],
+            "item_fields": [None, n_item_fields],
+            "dense": [None, len(DENSE_FEATURES)],
+        },
+        "outputs": {"probs": [None, model.heads.out_features]},
+    }

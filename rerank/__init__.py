@@ -1,0 +1,1 @@
+"""Reranking of the fused list into the final page."""

@@ -1,0 +1,1 @@
+"""Recall paths (ann, itemcf, graph, popular/fresh), their offline builders, and the merge."""

@@ -1,0 +1,180 @@
+"""Two-tower training (torch, offline only) and export: user tower -> ONNX, item
+embeddings -> numpy (and from there the faiss index).
+
+Loss: in-batch softmax over L2-normalised towers with temperature τ and the log-q
+sampling-bias correction of Yi et al. (RecSys 2019): logit(u, j) = <u, v_j>/τ − log p̂_j,
+where p̂_j is item j's share of the training positives (the frequency with which it
+appears as an in-batch negative).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FieldEmbedding(nn.Module):
+    """Several categorical fields in one table (offsets per field), summed."""
+
+    def __init__(self, vocabs: list[int], dim: int):
+        super().__init__()
+        offsets = np.concatenate([[0], np.cumsum(vocabs)[:-1]]).astype(np.int64)
+        self.register_buffer("offsets", torch.from_numpy(offsets))
+        self.table = nn.Embedding(int(sum(vocabs)) or 1, dim)
+        nn.init.normal_(self.table.weight, std=0.05)
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        return self.table(fields + self.offsets).sum(dim=1)
+
+
+def masked_mean(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    mask = (ids > 0).unsqueeze(-1).to(emb.dtype)
+    return (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class UserTower(nn.Module):
+    def __init__(self, n_users: int, n_items: int, user_vocabs: list[int], dim: int, item_id_emb: nn.Embedding):
+        super().__init__()
+        self.user_emb = nn.Embedding(n_users + 1, dim)
+        nn.init.normal_(self.user_emb.weight, std=0.05)
+        self.fields = FieldEmbedding(user_vocabs, dim)
+        self.hist_emb = item_id_emb  # shared with the item tower: history moves the query
+        self.mlp = nn.Sequential(nn.Linear(3 * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, user_idx, user_fields, hist):
+        pooled = masked_mean(self.hist_emb(hist), hist)
+        x = torch.cat([self.user_emb(user_idx), self.fields(user_fields), pooled], dim=1)
+        return F.normalize(self.mlp(x), dim=1)
+
+
+class ItemTower(nn.Module):
+    def __init__(self, n_items: int, item_vocabs: list[int], dim: int):
+        super().__init__()
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        self.fields = FieldEmbedding(item_vocabs, dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, item_idx, item_fields):
+        x = torch.cat([self.item_emb(item_idx), self.fields(item_fields)], dim=1)
+        return F.normalize(self.mlp(x), dim=1)
+
+
+@dataclass
+class TwoTowerResult:
+    user_tower: UserTower
+    item_emb: np.ndarray  # float32 [I, D], L2-normalised
+    train_loss: float
+
+
+def train_two_tower(
+    *,
+    n_users: int,
+    n_items: int,
+    user_vocabs: list[int],
+    item_vocabs: list[int],
+    item_fields: np.ndarray,
+    row_user: np.ndarray,  # int64 [N] user index
+    row_user_fields: np.ndarray,  # int64 [N, Fu]
+    row_hist: np.ndarray,  # int64 [N, L] model ids (0 pad)
+    row_item: np.ndarray,  # int64 [N] positive item index
+    dim: int = 32,
+    temperature: float = 0.05,
+    epochs: int = 8,
+    batch_size: int = 1024,
+    lr: float = 3e-3,
+    user_dropout: float = 0.2,
+    seed: int = 0,
+    progress=None,
+) -> TwoTowerResult:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    item_tower = ItemTower(n_items, item_vocabs, dim)
+    user_tower = UserTower(n_users, n_items, user_vocabs, dim, item_tower.item_emb)
+    params = list(item_tower.parameters()) + [p for n, p in user_tower.named_parameters() if not n.startswith("hist_emb")]
+    opt = torch.optim.Adam(params, lr=lr)
+    # log-q: item share among training positives (≈ probability of being an in-batch negative)
+    freq = np.bincount(row_item, minlength=n_items).astype(np.float64) + 1.0
+    log_q = torch.from_numpy(np.log(freq / freq.sum()).astype(np.float32))
+    t_fields = torch.from_numpy(np.ascontiguousarray(item_fields, dtype=np.int64))
+    u_all = torch.from_numpy(row_user + 1)
+    uf_all = torch.from_numpy(np.ascontiguousarray(row_user_fields, dtype=np.int64))
+    h_all = torch.from_numpy(np.ascontiguousarray(row_hist, dtype=np.int64))
+    i_all = torch.from_numpy(row_item.astype(np.int64))
+    n = len(row_item)
+    last = 0.0
+    for ep in range(epochs):
+        perm = torch.from_numpy(rng.permutation(n))
+        total, steps = 0.0, 0
+        for s in range(0, n, batch_size):
+            b = perm[s : s + batch_size]
+            uid = u_all[b].clone()
+            # Drop the user id sometimes so the tower also works from history + profile alone (cold users).
+            uid[torch.from_numpy(rng.random(len(b)) < user_dropout)] = 0
+            items = i_all[b]
+            u = user_tower(uid, uf_all[b], h_all[b])
+            v = item_tower(items + 1, t_fields[items])
+            logits = u @ v.T / temperature - log_q[items][None, :]
+            # Same item twice in a batch is not a negative for itself.
+            dup = (items[:, None] == items[None, :]) & ~torch.eye(len(b), dtype=torch.bool)
+            logits = logits.masked_fill(dup, -1e9)
+            loss = F.cross_entropy(logits, torch.arange(len(b)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+        last = total / max(steps, 1)
+        if progress is not None:
+            progress(ep + 1, epochs, last)
+    item_tower.eval()
+    user_tower.eval()
+    with torch.no_grad():
+        embs = []
+        for s in range(0, n_items, 65536):
+            idx = torch.arange(s, min(s + 65536, n_items))
+            embs.append(item_tower(idx + 1, t_fields[idx]).numpy())
+    return TwoTowerResult(user_tower, np.concatenate(embs).astype(np.float32), last)
+
+
+def user_embeddings(tower: UserTower, user_idx, user_fields, hist, batch: int = 8192) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(user_idx), batch):
+            out.append(
+                tower(
+                    torch.from_numpy(np.asarray(user_idx[s : s + batch], np.int64) + 1),
+                    torch.from_numpy(np.ascontiguousarray(user_fields[s : s + batch], dtype=np.int64)),
+                    torch.from_numpy(np.ascontiguousarray(hist[s : s + batch], dtype=np.int64)),
+                ).numpy()
+            )
+    return np.concatenate(out) if out else np.zeros((0, tower.mlp[-1].out_features), np.float32)
+
+
+def export_user_tower(tower: UserTower, n_user_fields: int, history_len: int, path: Path) -> dict:
+    """Export to ONNX with a dynamic batch axis; returns the signature for the manifest."""
+    tower.eval()
+    example = (
+        torch.zeros(2, dtype=torch.int64),
+        torch.zeros(2, n_user_fields, dtype=torch.int64),
+        torch.zeros(2, history_len, dtype=torch.int64),
+    )
+    torch.onnx.export(
+        tower,
+        example,
+        str(path),
+        input_names=["user_idx", "user_fields", "hist"],
+        output_names=["user_emb"],
+        dynamic_axes={"user_idx": {0: "batch"}, "user_fields": {0: "batch"}, "hist": {0: "batch"}, "user_emb": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    dim = tower.mlp[-1].out_features
+    return {
+        "inputs": {"user_idx": [None], "user_fields": [None, n_user_fields], "hist": [None, history_len]},
+        "outputs": {"user_emb": [None, dim]},
+    }
