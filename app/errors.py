@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 
 
 class FieldError(Exception):
@@ -23,16 +23,17 @@ def _body(errors: list[dict]) -> dict:
     return {"detail": detail, "message": "; ".join(f"{_loc_str(e['loc'])}: {e['msg']}" for e in detail)}
 
 
-async def validation_handler(request: Request, exc: RequestValidationError) -> ORJSONResponse:
-    errors = []
+async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors, status = [], 422
     for e in exc.errors():
         loc = tuple(e.get("loc", ("body",)))
         msg = e.get("msg", "invalid")
         if e.get("type") == "json_invalid":
             loc, msg = ("body",), f"malformed JSON ({e.get('ctx', {}).get('error', 'decode error')})"
+            status = 400
         errors.append({"loc": loc, "msg": msg, "type": e.get("type", "value_error")})
-    return ORJSONResponse(_body(errors), status_code=422)
+    return JSONResponse(_body(errors), status_code=status)
 
 
-async def field_error_handler(request: Request, exc: FieldError) -> ORJSONResponse:
-    return ORJSONResponse(_body([{"loc": exc.loc, "msg": exc.msg, "type": exc.type}]), status_code=exc.status)
+async def field_error_handler(request: Request, exc: FieldError) -> JSONResponse:
+    return JSONResponse(_body([{"loc": exc.loc, "msg": exc.msg, "type": exc.type}]), status_code=exc.status)

@@ -6,7 +6,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 
 from app.errors import FieldError, field_error_handler, validation_handler
 from app.metrics import Metrics
@@ -36,7 +35,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
             if store is None:
                 st.close()
 
-    app = FastAPI(title="Funnel", version="0.1.0", lifespan=lifespan, default_response_class=ORJSONResponse)
+    app = FastAPI(title="Funnel", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(FieldError, field_error_handler)
     app.include_router(health.router)

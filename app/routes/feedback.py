@@ -4,7 +4,6 @@ import time
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import ORJSONResponse
 
 from app.deps import StateDep
 from app.errors import FieldError
@@ -15,7 +14,7 @@ router = APIRouter(tags=["feedback"])
 
 
 @router.post("/v1/feedback", status_code=202, response_model=FeedbackResponse)
-async def feedback(req: FeedbackRequest, state: StateDep):
+async def feedback(req: FeedbackRequest, state: StateDep) -> FeedbackResponse:
     """Events are durable once this returns 202, deduplicated by (request_id, item_id, type),
     and must refer to a served request of the same user and to items that request returned."""
     served = await run_in_threadpool(state.store.get_served, req.request_id)
@@ -32,5 +31,4 @@ async def feedback(req: FeedbackRequest, state: StateDep):
     inserted = await run_in_threadpool(state.store.add_feedback, req.request_id, req.user_id, events)
     for e in req.events:
         state.metrics.feedback_events.labels(e.type).inc()
-    body = FeedbackResponse(accepted=inserted, duplicates=len(events) - inserted)
-    return ORJSONResponse(body.model_dump(), status_code=202)
+    return FeedbackResponse(accepted=inserted, duplicates=len(events) - inserted)

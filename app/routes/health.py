@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import StateDep
@@ -17,7 +17,7 @@ async def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(state: StateDep):
     if state.pipeline is None:
-        return ORJSONResponse({"status": "not ready", "reason": state.load_error or "loading bundle"}, status_code=503)
+        return JSONResponse({"status": "not ready", "reason": state.load_error or "loading bundle"}, status_code=503)
     return {"status": "ready", "bundle_version": state.pipeline.bundle.version}
 
 

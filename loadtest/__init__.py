@@ -1,0 +1,1 @@
+"""Locust scripts and the benchmark harness (see the performance issue)."""

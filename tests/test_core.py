@@ -1,0 +1,62 @@
+import dataclasses
+
+import numpy as np
+import pytest
+
+from core.candidates import SOURCE_BITS, Candidates, source_names
+from core.offline_metrics import auc, recall_ndcg_at_k
+from sim.dataset import recent_history, sort_events, temporal_split
+
+
+def test_candidates_are_frozen_and_typed():
+    c = Candidates.from_source(np.array([3, 1, 2]), np.array([0.1, 0.9, 0.5]), "ann")
+    assert c.item.dtype == np.int64 and c.source.dtype == np.uint32 and c.score.dtype == np.float32
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.item = np.zeros(3, np.int64)
+    with pytest.raises(TypeError):
+        Candidates(np.zeros(2, np.int32), np.zeros(2, np.uint32), np.zeros(2, np.float32))
+    with pytest.raises(ValueError):
+        Candidates(np.zeros(2, np.int64), np.zeros(3, np.uint32), np.zeros(2, np.float32))
+
+
+def test_candidates_take_and_top():
+    heads = np.arange(8, dtype=np.float32).reshape(4, 2)
+    c = Candidates(np.array([10, 11, 12, 13]), np.full(4, 1, np.uint32), np.array([0.2, 0.9, 0.9, 0.1], np.float32), heads)
+    t = c.take(np.array([2, 0]))
+    assert t.item.tolist() == [12, 10] and t.heads.tolist() == [[4, 5], [0, 1]]
+    top = c.top(3)
+    assert top.item.tolist() == [11, 12, 10]  # ties keep input order
+    assert c.top(10).item.tolist() == [11, 12, 10, 13]
+    assert source_names(SOURCE_BITS["ann"] | SOURCE_BITS["graph"]) == ["ann", "graph"]
+
+
+def test_temporal_split_holds_out_each_users_latest():
+    user = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2])
+    ts = np.arange(len(user), dtype=float)
+    test = temporal_split(user, ts, 0.2)
+    assert test.tolist() == [False] * 4 + [True] + [False] * 8 + [True, True] + [False]
+    with pytest.raises(ValueError):
+        temporal_split(user[::-1], ts, 0.2)
+
+
+def test_recent_history_matches_a_plain_loop():
+    rng = np.random.default_rng(1)
+    user = rng.integers(0, 5, 200)
+    ts = rng.random(200)
+    o = sort_events(user, ts)
+    user, ts = user[o], ts[o]
+    item = rng.integers(0, 50, 200)
+    keep = rng.random(200) < 0.6
+    got = recent_history(user, item, keep, 5, 4)
+    for r in range(200):
+        prev = [item[j] for j in range(r) if user[j] == user[r] and keep[j]][::-1][:4]
+        assert got[r].tolist() == prev + [-1] * (4 - len(prev))
+
+
+def test_auc_and_ranking_metrics():
+    assert auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert auc(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert np.isnan(auc(np.array([1, 1]), np.array([0.1, 0.2])))
+    r, n = recall_ndcg_at_k(np.array([5, 1, 9]), np.array([1, 7]), 3)
+    assert r == 0.5
+    assert n == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
