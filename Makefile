@@ -9,7 +9,6 @@ BUNDLE ?= bundles/ml-100k
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
 # torch==2.13.0 is pinned in the extras: it resolves to the local CPU build.
 $(VENV)/.train: pyproject.toml | $(VENV)/bin/python
