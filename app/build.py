@@ -50,15 +50,27 @@ def _table(ds: Dataset, item_pop: np.ndarray) -> ItemTable:
     return ItemTable(ds.item_fields, item_pop, col)
 
 
-def ranker_rows(ds: Dataset, rows: np.ndarray, hist: np.ndarray, rng: np.random.Generator, n_neg: int, neg_p: np.ndarray):
+def ranker_rows(
+    ds: Dataset, rows: np.ndarray, hist: np.ndarray, rng: np.random.Generator, n_neg: int, neg_p: np.ndarray,
+    hard_pool: np.ndarray | None = None, n_hard: int = 0,
+):
     """(user, item, hist, labels) rows for the ranker. With implicit negatives (ratings only),
     every positive row brings `n_neg` unrated items (sampled ∝ popularity^0.75) as click = 0
-    with the other tasks undefined."""
+    with the other tasks undefined, plus `n_hard` drawn from the user's `hard_pool` row (the
+    two-tower's top items for that user: the kind of candidate the ranker sees when serving)."""
     user, item, h, lab = ds.ev_user[rows], ds.ev_item[rows], hist[rows], ds.labels[rows]
-    if not ds.implicit_negatives or n_neg == 0:
+    if not ds.implicit_negatives or n_neg + n_hard == 0:
         return user, item, h, lab
+    n_hard = n_hard if hard_pool is not None else 0
     nu = np.repeat(user, n_neg)
     ni = rng.choice(ds.n_items, size=len(nu), p=neg_p)
+    if n_hard:
+        hu = np.repeat(user, n_hard)
+        hi = hard_pool[hu, rng.integers(0, hard_pool.shape[1], len(hu))]
+        # interleave per positive row so np.repeat(h, n_neg + n_hard) lines up
+        nu = np.concatenate([nu.reshape(-1, n_neg), hu.reshape(-1, n_hard)], 1).ravel()
+        ni = np.concatenate([ni.reshape(-1, n_neg), hi.reshape(-1, n_hard)], 1).ravel()
+    n_neg = n_neg + n_hard
     rated = np.unique(ds.ev_user * ds.n_items + ds.ev_item)
     ok = ~np.isin(nu * ds.n_items + ni, rated)
     nl = np.full((len(nu), lab.shape[1]), np.nan, np.float32)
@@ -84,7 +96,30 @@ def head_metrics(schema: Schema, labels: np.ndarray, probs: np.ndarray) -> dict:
     return out
 
 
-def build_bundle(ds: Dataset, source: dict, out: Path, *, epochs_tt: int = 8, epochs_rank: int = 4, n_neg: int = 4, seed: int = 0, version: str | None = None) -> dict:
+def hard_negative_pool(tower, ds: Dataset, item_emb: np.ndarray, train_pos: np.ndarray, size: int = 200) -> np.ndarray:
+    """Per user, the two-tower's top `size` items given the training history [U, size]."""
+    from retrieval.twotower_train import user_embeddings
+
+    L = ds.schema.history_len
+    last = np.full(ds.n_users, -1, np.int64)
+    rows = np.flatnonzero(train_pos)
+    last[ds.ev_user[rows]] = rows  # rows sorted by (user, ts): the last assignment wins
+    hist = model_history(recent_history(ds.ev_user, ds.ev_item, ds.positive, ds.n_users, L))
+    h = np.where(last[:, None] >= 0, hist[np.maximum(last, 0)], 0)
+    users = np.arange(ds.n_users)
+    u = user_embeddings(tower, users, ds.user_fields, h)
+    import faiss
+
+    index = faiss.IndexFlatIP(item_emb.shape[1])
+    index.add(np.ascontiguousarray(item_emb))
+    _, ids = index.search(np.ascontiguousarray(u), min(size, ds.n_items))
+    return np.where(ids >= 0, ids, 0).astype(np.int64)
+
+
+def build_bundle(
+    ds: Dataset, source: dict, out: Path, *, epochs_tt: int = 8, epochs_rank: int = 6, n_neg: int = 2, n_hard: int = 4,
+    seed: int = 0, version: str | None = None,
+) -> dict:
     import torch
 
     from rank.train import export_ranker, predict, train_ranker
@@ -156,7 +191,8 @@ def build_bundle(ds: Dataset, source: dict, out: Path, *, epochs_tt: int = 8, ep
         table = _table(ds, item_pop)
         neg_p = (pop + 1.0) ** 0.75
         neg_p /= neg_p.sum()
-        tr_u, tr_i, tr_h, tr_y = ranker_rows(ds, np.flatnonzero(train), hist_ids, rng, n_neg, neg_p)
+        pool = hard_negative_pool(tt.user_tower, ds, tt.item_emb, train_pos) if (ds.implicit_negatives and n_hard) else None
+        tr_u, tr_i, tr_h, tr_y = ranker_rows(ds, np.flatnonzero(train), hist_ids, rng, n_neg, neg_p, pool, n_hard)
         te_u, te_i, te_h, te_y = ranker_rows(ds, np.flatnonzero(ds.test), hist_ids, np.random.default_rng(seed + 1), n_neg, neg_p)
         feeds = ranker_inputs(table, tr_u, ds.user_fields[tr_u], tr_h, tr_i)
         step = progress.add_task("ranker", total=epochs_rank, note=f"{len(tr_u)} rows")

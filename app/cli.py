@@ -37,7 +37,7 @@ def build(
     users: Annotated[int, typer.Option(help="synthetic: users (default: items / 2.5)")] = 0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     epochs_tt: Annotated[int, typer.Option(help="two-tower epochs")] = 8,
-    epochs_rank: Annotated[int, typer.Option(help="ranker epochs")] = 4,
+    epochs_rank: Annotated[int, typer.Option(help="ranker epochs")] = 6,
     link: Annotated[Optional[Path], typer.Option(help="also point this symlink (e.g. bundles/current) at the bundle")] = None,
 ) -> None:
     """Train and export a bundle (needs the `train` extra: torch)."""

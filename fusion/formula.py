@@ -10,9 +10,10 @@ from core.schema import Schema
 
 
 def default_params(schema: Schema, overrides: dict | None = None) -> dict[str, tuple[float, float]]:
-    """Per task (alpha, beta): beta 1 for positive tasks, -1 for negative ones, alpha 0.01;
-    `overrides` maps task -> object with .alpha/.beta or a (alpha, beta) pair."""
-    params = {t.name: (0.01, -1.0 if t.negative else 1.0) for t in schema.tasks}
+    """Prior per task (alpha, beta): alpha 0.01; beta 1 for the first (primary engagement)
+    task, 0.5 for the other positive tasks, -0.5 for negative ones. `overrides` maps
+    task -> object with .alpha/.beta or an (alpha, beta) pair."""
+    params = {t.name: (0.01, -0.5 if t.negative else (1.0 if k == 0 else 0.5)) for k, t in enumerate(schema.tasks)}
     for name, w in (overrides or {}).items():
         if name in params:
             params[name] = (float(w.alpha), float(w.beta)) if hasattr(w, "alpha") else (float(w[0]), float(w[1]))

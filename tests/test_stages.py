@@ -119,11 +119,11 @@ def test_fusion_formula_by_hand():
 
     schema = Schema("t", (TaskSpec("click"), TaskSpec("dislike", negative=True)), (), ())
     params = default_params(schema, {"click": (0.1, 2.0)})
-    assert params == {"click": (0.1, 2.0), "dislike": (0.01, -1.0)}
+    assert params == {"click": (0.1, 2.0), "dislike": (0.01, -0.5)}
     heads = np.array([[0.5, 0.1], [0.2, 0.0]], np.float32)
     c = Candidates(np.array([0, 1]), np.ones(2, np.uint32), np.zeros(2, np.float32), heads)
     out = MultiplicativeFusion(schema, params)(type("C", (), {"fusion": {}})(), c)
-    hand = [(0.6**2) * (0.11**-1), (0.3**2) * (0.01**-1)]
+    hand = [(0.6**2) * (0.11**-0.5), (0.3**2) * (0.01**-0.5)]
     np.testing.assert_allclose(np.exp(out.score), hand, rtol=1e-5)
     assert fused_log_score(heads, np.zeros(2), np.zeros(2)).tolist() == [0.0, 0.0]
 
