@@ -67,7 +67,7 @@ def train_ranker(
     item_vocabs: list[int],
     task_weights: np.ndarray | None = None,
     epochs: int = 4,
-    batch_size: int = 2048,
+    batch_size: int = 0,  # 0: scale to the data, ~300 steps per epoch within [256, 2048]
     lr: float = 2e-3,
     weight_decay: float = 1e-6,
     seed: int = 0,
@@ -76,6 +76,7 @@ def train_ranker(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n, t = labels.shape
+    batch_size = batch_size or int(np.clip(n // 300, 256, 2048))
     model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES]

@@ -95,7 +95,7 @@ FOLLOW_PREF_P = 0.75
 
 # behaviour model (see module docstring)
 AFF_SCALE = 2.6
-CLICK_BASE = -3.3
+CLICK_BASE = -4.2
 POS_BIAS = 0.15
 FOLLOW_BOOST = 0.8
 USER_BIAS_SD = 0.25
@@ -103,15 +103,15 @@ FATIGUE_WINDOW = 5
 FAT_CLICK = (0.6, 0.2)  # per earlier same-author / same-category item in the window
 FAT_DISLIKE = (0.5, 0.15)
 FAT_CONT = (0.35, 0.1)
-DWELL_MU0 = math.log(14.0)
+DWELL_MU0 = math.log(10.0)
 DWELL_AFF = 0.30
 DWELL_Q = 0.40
 DWELL_SIGMA = 0.9
 LONG_VIEW_S = 30.0
-LIKE = (-1.6, 0.35, 0.6)  # (base, affinity, quality) logit coefficients, given click
-SHARE = (-3.6, 0.35, 0.6)
-FOLLOW = (-4.3, 0.45, 0.4)
-DISLIKE = (-4.0, 0.7, 0.8)  # logit = base - a*aff - q*quality + fatigue
+LIKE = (-2.0, 0.35, 0.6)  # (base, affinity, quality) logit coefficients, given click
+SHARE = (-3.9, 0.35, 0.6)
+FOLLOW = (-3.9, 0.45, 0.4)
+DISLIKE = (-3.5, 0.7, 0.8)  # logit = base - a*aff - q*quality + fatigue
 CONT_BASE = 2.0
 CONT_AFF = 0.15
 CONT_ACTIVITY = 0.12  # per activity code step around the middle
@@ -280,14 +280,18 @@ class SyntheticWorld:
 
         # --- follow graph: 3..15 authors per user, mostly from the preferred categories
         want = np.minimum(np.clip(3 + r_follow.poisson(4.0, U), 3, 15), A)
-        m = 2 * want + 2  # oversample, dedupe, keep the first `want` distinct ones
+        m = 2 * want + 2  # oversample, dedupe, keep the first `want` distinct ones (in draw order)
         f_user = np.repeat(np.arange(U, dtype=np.int64), m)
         n = len(f_user)
         authors_by_cat = _Groups(a_cat, C, a_w)
         slot = (r_follow.random(n)[:, None] > np.cumsum(pw[f_user], axis=1)).sum(axis=1)
         f_cat = pref[f_user, np.minimum(slot, 2)]
         f_auth = authors_by_cat.draw(f_cat, r_follow)
-        glob = (r_follow.random(n) >= FOLLOW_PREF_P) | (f_auth < 0)
+        # the last `want` draws of each user are global: they fill in when the preferred
+        # categories have too few distinct authors
+        rank_in_user = np.arange(n) - np.repeat(np.cumsum(m) - m, m)
+        tail = rank_in_user >= np.repeat(m - want, m)
+        glob = (r_follow.random(n) >= FOLLOW_PREF_P) | (f_auth < 0) | tail
         f_auth[glob] = _draw_from(_cum_before(a_w), int(glob.sum()), r_follow)
         key = f_user * A + f_auth
         _, first = np.unique(key, return_index=True)  # first occurrence in draw order
