@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rank.features import DENSE_FEATURES
-from retrieval.twotower_train import FieldEmbedding, masked_mean
+from retrieval.twotower_train import FieldEmbedding, masked_mean, run_epochs
 
 
 class MultiTaskRanker(nn.Module):
@@ -84,24 +84,14 @@ def train_ranker(
     y = torch.from_numpy(np.nan_to_num(labels, nan=0.0).astype(np.float32))
     m = torch.from_numpy(mask.astype(np.float32))
     w = torch.from_numpy(np.ones(t, np.float32) if task_weights is None else task_weights.astype(np.float32))
-    last = 0.0
-    for ep in range(epochs):
-        perm = torch.from_numpy(rng.permutation(n))
-        total, steps = 0.0, 0
-        model.train()
-        for s in range(0, n, batch_size):
-            b = perm[s : s + batch_size]
-            z = model.logits(*(x[b] for x in tensors))
-            per = F.binary_cross_entropy_with_logits(z, y[b], reduction="none") * m[b]
-            loss = ((per.sum(0) / m[b].sum(0).clamp(min=1.0)) * w).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            steps += 1
-        last = total / max(steps, 1)
-        if progress is not None:
-            progress(ep + 1, epochs, last)
+    def batch_loss(b):
+        z = model.logits(*(x[b] for x in tensors))
+        per = F.binary_cross_entropy_with_logits(z, y[b], reduction="none") * m[b]
+        # Per-task mean over the rows where the task's label is defined, then weighted sum.
+        return ((per.sum(0) / m[b].sum(0).clamp(min=1.0)) * w).sum()
+
+    model.train()
+    last = run_epochs(opt, n, batch_size, epochs, rng, batch_loss, progress)
     model.eval()
     return RankerResult(model, last)
 

@@ -36,6 +36,26 @@ def masked_mean(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def run_epochs(opt, n: int, batch_size: int, epochs: int, rng: np.random.Generator, batch_loss, progress=None) -> float:
+    """Shuffled minibatch epochs: `batch_loss(idx)` returns the loss of one batch of row
+    indices; returns the last epoch's mean loss. Shared by every offline trainer."""
+    last = 0.0
+    for ep in range(epochs):
+        perm = torch.from_numpy(rng.permutation(n))
+        total, steps = 0.0, 0
+        for s in range(0, n, batch_size):
+            loss = batch_loss(perm[s : s + batch_size])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+        last = total / max(steps, 1)
+        if progress is not None:
+            progress(ep + 1, epochs, last)
+    return last
+
+
 class UserTower(nn.Module):
     def __init__(self, n_users: int, n_items: int, user_vocabs: list[int], dim: int, item_id_emb: nn.Embedding):
         super().__init__()
@@ -105,32 +125,19 @@ def train_two_tower(
     uf_all = torch.from_numpy(np.ascontiguousarray(row_user_fields, dtype=np.int64))
     h_all = torch.from_numpy(np.ascontiguousarray(row_hist, dtype=np.int64))
     i_all = torch.from_numpy(row_item.astype(np.int64))
-    n = len(row_item)
-    last = 0.0
-    for ep in range(epochs):
-        perm = torch.from_numpy(rng.permutation(n))
-        total, steps = 0.0, 0
-        for s in range(0, n, batch_size):
-            b = perm[s : s + batch_size]
-            uid = u_all[b].clone()
-            # Drop the user id sometimes so the tower also works from history + profile alone (cold users).
-            uid[torch.from_numpy(rng.random(len(b)) < user_dropout)] = 0
-            items = i_all[b]
-            u = user_tower(uid, uf_all[b], h_all[b])
-            v = item_tower(items + 1, t_fields[items])
-            logits = u @ v.T / temperature - log_q[items][None, :]
-            # Same item twice in a batch is not a negative for itself.
-            dup = (items[:, None] == items[None, :]) & ~torch.eye(len(b), dtype=torch.bool)
-            logits = logits.masked_fill(dup, -1e9)
-            loss = F.cross_entropy(logits, torch.arange(len(b)))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            steps += 1
-        last = total / max(steps, 1)
-        if progress is not None:
-            progress(ep + 1, epochs, last)
+    def batch_loss(b):
+        uid = u_all[b].clone()
+        # Drop the user id sometimes so the tower also works from history + profile alone (cold users).
+        uid[torch.from_numpy(rng.random(len(b)) < user_dropout)] = 0
+        items = i_all[b]
+        u = user_tower(uid, uf_all[b], h_all[b])
+        v = item_tower(items + 1, t_fields[items])
+        logits = u @ v.T / temperature - log_q[items][None, :]
+        # Same item twice in a batch is not a negative for itself.
+        dup = (items[:, None] == items[None, :]) & ~torch.eye(len(b), dtype=torch.bool)
+        return F.cross_entropy(logits.masked_fill(dup, -1e9), torch.arange(len(b)))
+
+    last = run_epochs(opt, len(row_item), batch_size, epochs, rng, batch_loss, progress)
     item_tower.eval()
     user_tower.eval()
     with torch.no_grad():
