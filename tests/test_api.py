@@ -186,3 +186,16 @@ def test_serve_without_bundle_exits_with_instructions(tmp_path):
     res = CliRunner().invoke(app, ["serve", "--bundle", str(tmp_path / "none")])
     assert res.exit_code == 2
     assert "funnel build --dataset ml-100k" in res.output
+
+
+def test_cold_user_feedback_personalises_the_next_feed(client):
+    user = "brand-new-user"
+    rid, items = _serve(client, user, count=20)
+    r = client.post("/v1/feedback", json={"request_id": rid, "user_id": user, "events": [{"item_id": items[0], "type": "click"}, {"item_id": items[1], "type": "like"}]})
+    assert r.status_code == 202
+    body = client.post("/v1/recommend", json={"user_id": user, "count": 20, "debug": True}).json()
+    ids = [i["item_id"] for i in body["items"]]
+    assert items[0] not in ids and items[1] not in ids
+    paths = body["trace"]["recall_paths"]
+    assert paths["itemcf"]["n"] > 0 and paths["ann"]["n"] > 0
+    assert any(set(i["sources"]) - {"popular", "fresh"} for i in body["items"])
