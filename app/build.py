@@ -20,8 +20,8 @@ from core.offline_metrics import auc, logloss
 from core.schema import Schema
 from rank.features import ItemTable, model_history, ranker_inputs
 from retrieval.ann import build_index
-from retrieval.graph import build_graph
-from retrieval.itemcf import build_itemcf
+from retrieval.graph import build_follow, build_graph
+from retrieval.itemcf import build_itemcf, build_swing
 from retrieval.popular import build_popular
 from sim.dataset import Dataset, recent_history
 
@@ -50,6 +50,31 @@ def _table(ds: Dataset, item_pop: np.ndarray) -> ItemTable:
     return ItemTable(ds.item_fields, item_pop, col)
 
 
+def history_ids(ds: Dataset, rows: np.ndarray) -> np.ndarray:
+    """Model-id history (0-padded) before each of `rows`: the user's positives strictly before it."""
+    return model_history(recent_history(ds.ev_user, ds.ev_item, ds.positive, ds.n_users, ds.schema.history_len, rows))
+
+
+def cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `cap` of `rows`, sampled uniformly, kept in order."""
+    return rows if len(rows) <= cap else np.sort(rng.choice(rows, cap, replace=False))
+
+
+def last_train_history(ds: Dataset, train_pos: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """Each user's model-id history after all of their training positives [len(users), L]."""
+    L = ds.schema.history_len
+    rows = np.flatnonzero(train_pos)
+    last = np.full(ds.n_users, -1, np.int64)
+    last[ds.ev_user[rows]] = rows  # rows sorted by (user, ts): the last assignment wins
+    h = np.zeros((len(users), L), np.int64)
+    has = last[users] >= 0
+    if has.any():
+        # history strictly before the last positive, then the last positive itself in front
+        prev = history_ids(ds, last[users][has])
+        h[has] = np.concatenate([ds.ev_item[last[users][has]][:, None] + 1, prev[:, :-1]], axis=1)
+    return h
+
+
 def ranker_rows(
     ds: Dataset, rows: np.ndarray, hist: np.ndarray, rng: np.random.Generator, n_neg: int, neg_p: np.ndarray,
     hard_pool: np.ndarray | None = None, n_hard: int = 0,
@@ -58,7 +83,7 @@ def ranker_rows(
     every positive row brings `n_neg` unrated items (sampled ∝ popularity^0.75) as click = 0
     with the other tasks undefined, plus `n_hard` drawn from the user's `hard_pool` row (the
     two-tower's top items for that user: the kind of candidate the ranker sees when serving)."""
-    user, item, h, lab = ds.ev_user[rows], ds.ev_item[rows], hist[rows], ds.labels[rows]
+    user, item, h, lab = ds.ev_user[rows], ds.ev_item[rows], hist, ds.labels[rows]  # hist: one row per `rows`
     if not ds.implicit_negatives or n_neg + n_hard == 0:
         return user, item, h, lab
     n_hard = n_hard if hard_pool is not None else 0
@@ -96,29 +121,27 @@ def head_metrics(schema: Schema, labels: np.ndarray, probs: np.ndarray) -> dict:
     return out
 
 
-def hard_negative_pool(tower, ds: Dataset, item_emb: np.ndarray, train_pos: np.ndarray, size: int = 200) -> np.ndarray:
-    """Per user, the two-tower's top `size` items given the training history [U, size]."""
+def user_queries(tower, ds: Dataset, train_pos: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """Query vectors of `users` after their training history (what serving would compute)."""
     from retrieval.twotower_train import user_embeddings
 
-    L = ds.schema.history_len
-    last = np.full(ds.n_users, -1, np.int64)
-    rows = np.flatnonzero(train_pos)
-    last[ds.ev_user[rows]] = rows  # rows sorted by (user, ts): the last assignment wins
-    hist = model_history(recent_history(ds.ev_user, ds.ev_item, ds.positive, ds.n_users, L))
-    h = np.where(last[:, None] >= 0, hist[np.maximum(last, 0)], 0)
-    users = np.arange(ds.n_users)
-    u = user_embeddings(tower, users, ds.user_fields, h)
+    return user_embeddings(tower, users, ds.user_fields[users], last_train_history(ds, train_pos, users))
+
+
+def hard_negative_pool(queries: np.ndarray, item_emb: np.ndarray, size: int = 200) -> np.ndarray:
+    """Per user, the two-tower's top `size` items given the training history [U, size]."""
     import faiss
 
     index = faiss.IndexFlatIP(item_emb.shape[1])
     index.add(np.ascontiguousarray(item_emb))
-    _, ids = index.search(np.ascontiguousarray(u), min(size, ds.n_items))
+    _, ids = index.search(np.ascontiguousarray(queries), min(size, len(item_emb)))
     return np.where(ids >= 0, ids, 0).astype(np.int64)
 
 
 def build_bundle(
     ds: Dataset, source: dict, out: Path, *, epochs_tt: int = 8, epochs_rank: int = 6, n_neg: int = 2, n_hard: int = 4,
-    seed: int = 0, version: str | None = None,
+    seed: int = 0, version: str | None = None, ann_k: int = 400, itemcf: str = "swing",
+    max_rank_rows: int = 3_000_000, max_eval_rows: int = 500_000, max_tt_rows: int = 5_000_000,
 ) -> dict:
     import torch
 
@@ -140,11 +163,13 @@ def build_bundle(
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
     with progress:
-        # 1. histories: for every row, the user's positives strictly before it
+        # 1. rows each model trains on, and their histories (the user's positives before each row)
         step = progress.add_task("histories", total=1, note="")
-        hist = recent_history(ds.ev_user, ds.ev_item, ds.positive, ds.n_users, L)
-        hist_ids = model_history(hist)
-        progress.update(step, advance=1)
+        tt_rows = cap_rows(np.flatnonzero(train_pos), max_tt_rows, rng)
+        rk_rows = cap_rows(np.flatnonzero(train), max_rank_rows, rng)
+        ev_rows = cap_rows(np.flatnonzero(ds.test), max_eval_rows, np.random.default_rng(seed + 1))
+        tt_hist = history_ids(ds, tt_rows)
+        progress.update(step, advance=1, note=f"{len(tt_rows)} / {len(rk_rows)} / {len(ev_rows)} rows")
 
         # 2. popularity / fresh (train split only)
         step = progress.add_task("popular + fresh", total=1, note="")
@@ -157,13 +182,13 @@ def build_bundle(
         progress.update(step, advance=1)
 
         # 3. two-tower
-        rows = np.flatnonzero(train_pos)
+        rows = tt_rows
         step = progress.add_task("two-tower", total=epochs_tt, note="")
         tt = train_two_tower(
             n_users=ds.n_users, n_items=ds.n_items,
             user_vocabs=[f.vocab for f in s.user_fields], item_vocabs=[f.vocab for f in s.item_fields],
             item_fields=ds.item_fields, row_user=ds.ev_user[rows], row_user_fields=ds.user_fields[ds.ev_user[rows]],
-            row_hist=hist_ids[rows], row_item=ds.ev_item[rows], dim=s.emb_dim, epochs=epochs_tt, seed=seed,
+            row_hist=tt_hist, row_item=ds.ev_item[rows], row_ts=ds.ev_ts[rows], dim=s.emb_dim, epochs=epochs_tt, seed=seed,
             progress=lambda e, n, loss: progress.update(step, completed=e, note=f"loss {loss:.3f}"),
         )
         ut_sig = export_user_tower(tt.user_tower, len(s.user_fields), L, tmp / "user_tower.onnx")
@@ -173,15 +198,27 @@ def build_bundle(
         step = progress.add_task("ann index", total=1, note="")
         import faiss
 
-        index, ann_params = build_index(tt.item_emb)
+        # Query vectors of real users tune the index (efSearch) and give hard negatives.
+        q_users = np.unique(ds.ev_user[train_pos])
+        pool_users = q_users if (ds.implicit_negatives and n_hard) else rng.choice(q_users, min(len(q_users), 1000), replace=False)
+        queries = user_queries(tt.user_tower, ds, train_pos, pool_users)
+        index, ann_params = build_index(tt.item_emb, queries[:1000], k=ann_k)
         faiss.write_index(index, str(tmp / "ann.faiss"))
-        progress.update(step, advance=1, note=ann_params["type"])
+        progress.update(step, advance=1, note=f"{ann_params['type']} recall@{ann_params['k']} {ann_params['recall_at_k']}")
+        metrics["ann_index"] = {k: v for k, v in ann_params.items() if k != "tried"}
 
-        # 4. item-CF and graph
-        step = progress.add_task("item-cf", total=1, note="")
-        cf = build_itemcf(ds.ev_user[train_pos], ds.ev_item[train_pos], ds.n_users, ds.n_items)
-        np.savez(tmp / "itemcf.npz", **cf)
-        progress.update(step, advance=1, note=f"{len(cf['indices'])} pairs")
+        # 4. item-CF (both similarities; `itemcf` picks the one served) and graph
+        step = progress.add_task("item-cf", total=2, note="cosine")
+        cos = build_itemcf(ds.ev_user[train_pos], ds.ev_item[train_pos], ds.n_users, ds.n_items)
+        progress.update(step, advance=1, note="swing")
+        sw = build_swing(ds.ev_user[train_pos], ds.ev_item[train_pos], ds.n_users, ds.n_items, seed=seed)
+        served = {"swing": sw, "cosine": cos}[itemcf]
+        np.savez(tmp / "itemcf.npz", **served, **{f"cosine_{k}": v for k, v in cos.items()}, **{f"swing_{k}": v for k, v in sw.items()})
+        progress.update(step, advance=1, note=f"{itemcf} served; {len(sw['indices'])} swing / {len(cos['indices'])} cosine pairs")
+        if ds.follow_indptr is not None and s.author_field:
+            col = [f.name for f in s.item_fields].index(s.author_field)
+            authors = ds.item_fields[:, col] - 1  # codes are author + 1
+            np.savez(tmp / "follow.npz", **build_follow(ds.follow_indptr, ds.follow_authors, np.maximum(authors, 0), ds.item_created, int(authors.max()) + 1))
         step = progress.add_task("graph", total=1, note="")
         g = build_graph(ds.ev_user[train_pos], ds.ev_item[train_pos], ds.n_users, ds.n_items)
         np.savez(tmp / "graph.npz", **g)
@@ -191,9 +228,12 @@ def build_bundle(
         table = _table(ds, item_pop)
         neg_p = (pop + 1.0) ** 0.75
         neg_p /= neg_p.sum()
-        pool = hard_negative_pool(tt.user_tower, ds, tt.item_emb, train_pos) if (ds.implicit_negatives and n_hard) else None
-        tr_u, tr_i, tr_h, tr_y = ranker_rows(ds, np.flatnonzero(train), hist_ids, rng, n_neg, neg_p, pool, n_hard)
-        te_u, te_i, te_h, te_y = ranker_rows(ds, np.flatnonzero(ds.test), hist_ids, np.random.default_rng(seed + 1), n_neg, neg_p)
+        pool = None
+        if ds.implicit_negatives and n_hard:
+            pool = np.zeros((ds.n_users, min(200, ds.n_items)), np.int64)
+            pool[pool_users] = hard_negative_pool(queries, tt.item_emb)
+        tr_u, tr_i, tr_h, tr_y = ranker_rows(ds, rk_rows, history_ids(ds, rk_rows), rng, n_neg, neg_p, pool, n_hard)
+        te_u, te_i, te_h, te_y = ranker_rows(ds, ev_rows, history_ids(ds, ev_rows), np.random.default_rng(seed + 1), n_neg, neg_p)
         feeds = ranker_inputs(table, tr_u, ds.user_fields[tr_u], tr_h, tr_i)
         step = progress.add_task("ranker", total=epochs_rank, note=f"{len(tr_u)} rows")
         rk = train_ranker(

@@ -1,80 +1,152 @@
 """`funnel eval`: offline metrics of a bundle on the held-out split of its own dataset.
 
-Per recall path (and popular as the baseline) and for the full pipeline: recall@K and
-NDCG@K of each user's held-out positives, given only the user's training history.
-Ranker: AUC and log-loss per task on held-out rows, scored through the exported ONNX model.
+- Per recall path (popular is the baseline), for the merged recall and for the full
+  pipeline: recall@K and NDCG@K of each user's held-out positives, given only the user's
+  training history.
+- Each path's unique share: of the merged candidates a path contributed, the share no
+  other path found.
+- Ranker agreement: the share of the ranker's exhaustive top-20 over the whole catalog
+  (unseen items) that the merged recall contains.
+- Ranker: AUC and log-loss per task on held-out rows, scored through the exported ONNX model.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from app.build import head_metrics, load_dataset, ranker_rows
+from app.build import cap_rows, head_metrics, history_ids, load_dataset, ranker_rows
 from app.pipeline import Pipeline
 from core.bundle import Bundle
-from core.candidates import Candidates
+from core.candidates import SOURCE_BITS, Candidates
 from core.offline_metrics import recall_ndcg_at_k
 from core.settings import Settings
-from rank.features import ItemTable, model_history, ranker_inputs
-from sim.dataset import recent_history
+from rank.features import ItemTable, pad_history, ranker_inputs
+
+KS = (20, 50, 200, 1000)
 
 
-def evaluate(bundle_path, k: int = 20, max_users: int = 2000, seed: int = 0, settings: Settings | None = None) -> dict:
+def _eval_settings(base: Settings, depth: int) -> tuple[Settings, Settings]:
+    """(per-path settings that let every path return `depth` candidates,
+    merge settings: the serving quotas scaled so the merged recall holds `depth`)."""
+    paths = base.model_copy(update={
+        "ann_k": depth, "quota_itemcf": depth // 2, "quota_graph": depth // 2, "quota_popular": depth,
+        "quota_fresh": depth, "quota_follow": depth // 2, "graph_walkers": max(base.graph_walkers, 2 * depth),
+    })
+    q = base.quotas()
+    scale = depth / max(base.recall_total, 1)
+    merged = base.model_copy(update={
+        **{f"quota_{k}": max(1, int(round(v * scale))) for k, v in q.items()},
+        "recall_total": depth, "ann_k": max(base.ann_k, int(round(q["ann"] * scale))),
+        "graph_walkers": max(base.graph_walkers, int(base.graph_walkers * scale)),
+    })
+    return paths, merged
+
+
+def _accumulate(acc: dict, name: str, ranked: np.ndarray, relevant: np.ndarray, ks) -> None:
+    row = acc.setdefault(name, {k: [0.0, 0.0] for k in ks} | {"users": 0})
+    for k in ks:
+        r, n = recall_ndcg_at_k(ranked, relevant, k)
+        row[k][0] += r
+        row[k][1] += n
+    row["users"] += 1
+
+
+def _finish(acc: dict, ks) -> dict:
+    out = {}
+    for name, row in acc.items():
+        u = max(row["users"], 1)
+        cut = [k for k in ks if k in row]
+        out[name] = {**{f"recall@{k}": round(row[k][0] / u, 4) for k in cut}, **{f"ndcg@{k}": round(row[k][1] / u, 4) for k in cut}, "users": row["users"]}
+    return out
+
+
+def _exhaustive_topk(bundle: Bundle, table: ItemTable, ctx, k: int, chunk: int = 65536) -> np.ndarray:
+    """The ranker's top-k (by its first head, click) over every unseen item in the catalog."""
+    hist = pad_history(ctx.history, bundle.schema.history_len)
+    cand = np.setdiff1d(np.arange(bundle.n_items), ctx.blocked(), assume_unique=True)
+    scores = np.empty(len(cand), np.float32)
+    for s in range(0, len(cand), chunk):
+        c = cand[s : s + chunk]
+        n = len(c)
+        feeds = ranker_inputs(
+            table, np.full(n, ctx.user_idx, np.int64), np.broadcast_to(ctx.user_fields, (n, len(ctx.user_fields))),
+            np.broadcast_to(hist, (n, len(hist))), c,
+        )
+        scores[s : s + n] = bundle.ranker.run(["probs"], feeds)[0][:, 0]
+    top = np.argpartition(-scores, min(k, len(cand) - 1))[:k]
+    return cand[top]
+
+
+def evaluate(
+    bundle_path, k: int = 20, max_users: int = 2000, seed: int = 0, settings: Settings | None = None,
+    agreement_users: int = 200, agreement_max_items: int = 200_000,
+) -> dict:
     settings = settings or Settings()
     bundle = Bundle.load(bundle_path, threads=settings.compute_threads)
     ds = load_dataset(bundle.manifest["source"])
     if ds.n_items != bundle.n_items or ds.n_users != bundle.n_users:
         raise ValueError("the dataset rebuilt from the manifest does not match the bundle's catalog")
-    pipe = Pipeline(bundle, settings)
-    user_stage, recall = pipe.stages[0], pipe.stages[1]
+    ks = tuple(sorted({k, *KS}))
+    depth = max(ks)
+    path_settings, merge_settings = _eval_settings(settings, depth)
+    serving = Pipeline(bundle, settings)
+    paths = Pipeline(bundle, path_settings)
+    merging = Pipeline(bundle, merge_settings)
+    table = serving.stages[3].table
 
     test_pos = ds.test & ds.positive
     users = np.unique(ds.ev_user[test_pos])
     rng = np.random.default_rng(seed)
     if len(users) > max_users:
         users = np.sort(rng.choice(users, max_users, replace=False))
-    # relevant items per user (CSR over the sorted test positives)
+    agree_users = set(rng.choice(users, min(agreement_users, len(users)), replace=False).tolist()) if bundle.n_items <= agreement_max_items else set()
     tu, ti = ds.ev_user[test_pos], ds.ev_item[test_pos]
-    names = [s.name for s in recall.sources]
-    sums = {n: [0.0, 0.0, 0] for n in names + ["pipeline"]}
+    order = np.argsort(tu, kind="stable")
+    tu, ti = tu[order], ti[order]
+    names = [s.name for s in paths.stages[1].sources]
+    acc: dict = {}
+    unique = {n: [0, 0] for n in names}  # [only this path, contributed by this path]
+    merged_sizes, agreement = [], []
     for u in users:
-        relevant = np.unique(ti[tu == u])
-        ctx = pipe.context(
-            request_id=f"eval-{u}", user_id=str(bundle.user_ids[u]), count=k, scene="eval",
-            exclude_item_ids=[], events=[], seed=int(u),
-        )
-        user_stage(ctx, Candidates.empty())
+        relevant = np.unique(ti[np.searchsorted(tu, u) : np.searchsorted(tu, u, side="right")])
+        ctx = paths.context(request_id=f"eval-{u}", user_id=str(bundle.user_ids[u]), count=k, scene="eval", exclude_item_ids=[], events=[], seed=int(u))
+        paths.stages[0](ctx, Candidates.empty())
         blocked = ctx.blocked()
-        for src in recall.sources:
+        for src in paths.stages[1].sources:
             c = src(ctx)
-            c = c.take(np.flatnonzero(~np.isin(c.item, blocked))).top(k)
-            r, n = recall_ndcg_at_k(c.item, relevant, k)
-            sums[src.name][0] += r
-            sums[src.name][1] += n
-            sums[src.name][2] += 1
+            c = c.take(np.flatnonzero(~np.isin(c.item, blocked))).top(depth)
+            _accumulate(acc, src.name, c.item, relevant, ks)
+        merged = merging.stages[1](ctx, Candidates.empty())  # merge priority order
+        _accumulate(acc, "merged", merged.item, relevant, ks)
+        merged_sizes.append(len(merged))
+        for n in names:
+            bit = SOURCE_BITS[n]
+            has = (merged.source & bit) != 0
+            unique[n][0] += int(np.count_nonzero(merged.source[has] == bit))
+            unique[n][1] += int(np.count_nonzero(has))
+        if u in agree_users:
+            top = _exhaustive_topk(bundle, table, ctx, 20)
+            serving_merged = serving.stages[1](ctx, Candidates.empty())
+            agreement.append((np.isin(top, merged.item).mean(), np.isin(top, serving_merged.item).mean()))
         ctx.user_emb = None
-        out, _ = pipe.run(ctx)
-        r, n = recall_ndcg_at_k(out.item, relevant, k)
-        sums["pipeline"][0] += r
-        sums["pipeline"][1] += n
-        sums["pipeline"][2] += 1
-    report = {
-        name: {f"recall@{k}": round(v[0] / max(v[2], 1), 4), f"ndcg@{k}": round(v[1] / max(v[2], 1), 4), "users": v[2]}
-        for name, v in sums.items()
-    }
+        ctx.trace_extra = {}
+        out, _ = serving.run(ctx)  # ctx.count == k
+        _accumulate(acc, "pipeline", out.item, relevant, (k,))
+    report = _finish(acc, ks)
+    pipeline = {f"recall@{k}": report["pipeline"][f"recall@{k}"], f"ndcg@{k}": report["pipeline"][f"ndcg@{k}"], "users": report["pipeline"]["users"]}
 
-    # Ranker on held-out rows, through the exported ONNX model
-    hist = model_history(recent_history(ds.ev_user, ds.ev_item, ds.positive, ds.n_users, ds.schema.history_len))
+    # Ranker on held-out rows (the same rows and negatives as the build), through ONNX
     pop = np.expm1(bundle.item_pop.astype(np.float64))
     neg_p = (pop + 1.0) ** 0.75
     neg_p /= neg_p.sum()
-    te_u, te_i, te_h, te_y = ranker_rows(ds, np.flatnonzero(ds.test), hist, np.random.default_rng(seed + 1), 4, neg_p)
-    table = ItemTable(bundle.item_fields, bundle.item_pop, pipe.stages[3].table.category_col)
+    b = bundle.manifest.get("build", {})
+    ev_rows = cap_rows(np.flatnonzero(ds.test), b.get("max_eval_rows", 500_000), np.random.default_rng(b.get("seed", 0) + 1))
+    te_u, te_i, te_h, te_y = ranker_rows(ds, ev_rows, history_ids(ds, ev_rows), np.random.default_rng(b.get("seed", 0) + 1), b.get("n_neg", 2), neg_p)
     probs = []
     for s in range(0, len(te_u), 8192):
         sl = slice(s, s + 8192)
-        feeds = ranker_inputs(table, te_u[sl], ds.user_fields[te_u[sl]], te_h[sl], te_i[sl])
-        probs.append(bundle.ranker.run(["probs"], feeds)[0])
+        probs.append(bundle.ranker.run(["probs"], ranker_inputs(table, te_u[sl], ds.user_fields[te_u[sl]], te_h[sl], te_i[sl]))[0])
     ranker = head_metrics(ds.schema, te_y, np.concatenate(probs))
+    agree = np.array(agreement) if agreement else np.zeros((0, 2))
     return {
         "bundle": bundle.version,
         "dataset": ds.schema.dataset,
@@ -82,7 +154,16 @@ def evaluate(bundle_path, k: int = 20, max_users: int = 2000, seed: int = 0, set
         "users": int(len(users)),
         "recall": {n: report[n] for n in names},
         "popular_baseline": report["popular"],
-        "pipeline": report["pipeline"],
+        "merged_recall": report["merged"],
+        "pipeline": pipeline,
+        "unique_share": {n: round(v[0] / v[1], 4) if v[1] else 0.0 for n, v in unique.items()},
+        "merged_size": float(np.mean(merged_sizes)) if merged_sizes else 0.0,
+        "ranker_agreement@20": {
+            "users": int(len(agree)),
+            f"merged_{depth}": round(float(agree[:, 0].mean()), 4) if len(agree) else None,
+            f"serving_{settings.recall_total}": round(float(agree[:, 1].mean()), 4) if len(agree) else None,
+        },
         "ranker_auc": {t: v["auc"] for t, v in ranker.items()},
         "ranker": ranker,
+        "settings": {"per_path_depth": depth, "merge_quotas": merge_settings.quotas(), "serving_quotas": settings.quotas(), "recall_total": settings.recall_total},
     }

@@ -15,9 +15,9 @@ from fusion.formula import MultiplicativeFusion, default_params
 from prerank.cascade import TwoTowerPrerank
 from rank.features import ItemTable, pad_history, user_tower_inputs
 from rank.ranker import MultiTaskRankerStage
-from rerank.sort import FusedSortReranker
+from rerank.beam import make_reranker
 from retrieval.ann import AnnRecall
-from retrieval.graph import GraphRecall
+from retrieval.graph import FollowRecall, GraphRecall
 from retrieval.itemcf import ItemCFRecall
 from retrieval.merge import RecallMerge
 from retrieval.popular import ListRecall
@@ -74,10 +74,16 @@ class Pipeline:
         sources = [
             AnnRecall(bundle.ann_index, s.ann_k),
             ItemCFRecall(bundle.itemcf_indptr, bundle.itemcf_indices, bundle.itemcf_data, s.itemcf_seeds, s.itemcf_decay, s.quota_itemcf * 2),
-            GraphRecall(bundle.ui_indptr, bundle.ui_indices, bundle.iu_indptr, bundle.iu_indices, s.graph_walkers, s.graph_steps, s.graph_restart, s.graph_seeds, s.quota_graph * 2),
+            GraphRecall(
+                bundle.ui_indptr, bundle.ui_indices, bundle.iu_indptr, bundle.iu_indices, s.graph_walkers, s.graph_steps,
+                s.graph_restart, s.graph_seeds, s.quota_graph * 2, s.itemcf_decay, s.graph_stop_items, s.graph_stop_visits,
+            ),
             ListRecall("popular", bundle.popular, bundle.popular_score, s.quota_popular),
             ListRecall("fresh", bundle.fresh, -np.arange(len(bundle.fresh), dtype=np.float32), s.quota_fresh),
         ]
+        if bundle.follow is not None:  # datasets with authors and a follow graph
+            f = bundle.follow
+            sources.append(FollowRecall(f["user_indptr"], f["user_authors"], f["author_indptr"], f["author_items"], bundle.item_created, s.quota_follow * 2, s.follow_per_author))
         self.fusion_params = default_params(schema, s.fusion)
         self.stages: list[Stage] = [
             UserQueryStage(bundle.user_tower, schema.history_len),
@@ -85,7 +91,7 @@ class Pipeline:
             TwoTowerPrerank(bundle.item_emb, s.prerank_a_keep),
             MultiTaskRankerStage(bundle.ranker, table, schema.history_len, len(schema.tasks)),
             MultiplicativeFusion(schema, self.fusion_params),
-            FusedSortReranker(),
+            make_reranker(schema, bundle.item_fields, s),  # rerank_mode: beam | greedy | sort
         ]
         self.observe = observe
 

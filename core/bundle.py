@@ -163,6 +163,7 @@ class Bundle:
     fresh: np.ndarray  # item indices, newest first
     user_tower: Any
     ranker: Any
+    follow: dict[str, np.ndarray] | None = None  # user→authors and author→newest items (CSR), if the dataset has authors
     user_index: dict[str, int] = field(default_factory=dict)
     item_index: dict[str, int] = field(default_factory=dict)
 
@@ -206,6 +207,7 @@ class Bundle:
             item_emb = np.load(path / "item_emb.npy", mmap_mode="r")
             popular = np.load(path / "popular.npy", allow_pickle=False)
             fresh = np.load(path / "fresh.npy", allow_pickle=False)
+            follow = dict(np.load(path / "follow.npz", allow_pickle=False)) if "follow.npz" in manifest["files"] else None
         except (OSError, ValueError, KeyError) as e:
             raise BundleError(f"{path}: unreadable array file ({e})") from e
 
@@ -221,6 +223,9 @@ class Bundle:
         for name, arr in (("popular.npy", popular), ("fresh.npy", fresh), ("itemcf indices", itemcf["indices"]), ("graph ui_indices", graph["ui_indices"])):
             _expect(arr.size == 0 or (arr.min() >= 0 and arr.max() < n_items), f"{name} holds item indices outside the catalog")
 
+        if follow is not None:
+            _expect(len(follow["user_indptr"]) == n_users + 1, "follow.npz user_indptr length is not n_users + 1")
+            _expect(follow["author_items"].size == 0 or follow["author_items"].max() < n_items, "follow.npz holds item indices outside the catalog")
         try:
             index = faiss.read_index(str(path / "ann.faiss"))
         except RuntimeError as e:
@@ -278,6 +283,7 @@ class Bundle:
             fresh=fresh,
             user_tower=sessions["user_tower"],
             ranker=sessions["ranker"],
+            follow=follow,
         )
         b.user_index = {str(u): k for k, u in enumerate(b.user_ids.tolist())}
         b.item_index = {str(i): k for k, i in enumerate(b.item_ids.tolist())}

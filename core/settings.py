@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,7 @@ class Settings(BaseSettings):
     quota_graph: int = 200
     quota_popular: int = 100
     quota_fresh: int = 50
+    quota_follow: int = 100
     recall_total: int = 800
     ann_k: int = 400
     # Item-CF: seeds = the user's last N positive items, weighted by recency
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
     graph_steps: int = 4
     graph_restart: float = 0.3
     graph_seeds: int = 20
+    graph_stop_items: int = 200  # early stop once this many items have graph_stop_visits visits
+    graph_stop_visits: int = 4
+    follow_per_author: int = 10  # newest items taken per followed author
 
     # Cascade sizes
     prerank_a_keep: int = 500
@@ -49,6 +54,25 @@ class Settings(BaseSettings):
     # Fusion: score = prod_k (p_k + alpha_k) ** beta_k. Tasks missing here get defaults from
     # the schema (beta 1 for positive tasks, -1 for negative ones).
     fusion: dict[str, FusionWeight] = Field(default_factory=dict)
+
+    # Rerank (rerank/beam.py, rerank/reward.py): "beam" searches lists of ctx.count items from
+    # the top rerank_top_m fused candidates under the list reward; "greedy" is beam width 1;
+    # "sort" returns the fused order.
+    rerank_mode: Literal["beam", "greedy", "sort"] = "beam"
+    rerank_beam_width: int = Field(8, ge=1, le=64)
+    rerank_top_m: int = Field(150, ge=1)
+    rerank_author_window: int = Field(5, ge=0)  # previous slots checked for the same author
+    rerank_author_penalty: float = Field(0.4, ge=0.0, le=1.0)  # share of an item's value lost per same-author item there
+    rerank_category_window: int = Field(5, ge=0)
+    rerank_category_free: int = Field(1, ge=0)  # same-category items in the window that cost nothing
+    rerank_category_penalty: float = Field(0.1, ge=0.0, le=1.0)  # per same-category item beyond the free ones
+    rerank_min_author_gap: int = Field(2, ge=0)  # hard: one author's items at least this many slots apart (<= 1: off)
+    rerank_max_per_category: int = Field(0, ge=0)  # hard: at most this many of a category per rerank_cap_window slots (0: off)
+    rerank_cap_window: int = Field(5, ge=1)
+    rerank_next_items: int = Field(5, ge=0)  # best unused items valued as the next page (V_next)
+    rerank_next_weight: float = Field(1.0, ge=0.0)
+    rerank_continue_task: str = "continue"  # head giving P(continue); without it a proxy from the negative heads
+    rerank_continue_base: float = Field(0.9, ge=0.0, le=1.0)  # the proxy's continue rate with no negative feedback
 
     # Runtime
     compute_threads: int = 1
@@ -62,4 +86,5 @@ class Settings(BaseSettings):
             "graph": self.quota_graph,
             "popular": self.quota_popular,
             "fresh": self.quota_fresh,
+            "follow": self.quota_follow,
         }

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from rank.features import DENSE_FEATURES
-from retrieval.twotower_train import FieldEmbedding, masked_mean, run_epochs
+from retrieval.twotower_train import FieldEmbedding, MultiOptimizer, masked_mean, run_epochs
 
 
 class MultiTaskRanker(nn.Module):
     def __init__(self, n_users, n_items, user_vocabs, item_vocabs, n_tasks, dim=16, hidden=(128, 64)):
         super().__init__()
-        self.user_emb = nn.Embedding(n_users + 1, dim)
-        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        # sparse: only a batch's rows are updated (SparseAdam), which keeps 1M-item catalogs cheap
+        self.user_emb = nn.Embedding(n_users + 1, dim, sparse=True)
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0, sparse=True)
         for e in (self.user_emb, self.item_emb):
             nn.init.normal_(e.weight, std=0.05)
         self.user_fields = FieldEmbedding(user_vocabs, dim)
@@ -78,7 +79,9 @@ def train_ranker(
     n, t = labels.shape
     batch_size = batch_size or int(np.clip(n // 300, 256, 2048))
     model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sparse = [model.user_emb.weight, model.item_emb.weight]
+    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay), torch.optim.SparseAdam(sparse, lr=lr))
     tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES]
     mask = ~np.isnan(labels)
     y = torch.from_numpy(np.nan_to_num(labels, nan=0.0).astype(np.float32))

@@ -32,36 +32,104 @@ def _step(indptr: np.ndarray, indices: np.ndarray, nodes: np.ndarray, rng: np.ra
 
 
 class GraphRecall:
+    """Pixie (Eksombatchai et al., WWW 2018), vectorised over walkers:
+    - walkers per seed item q ∝ w_q · |E(q)| · (C − log|E(q)|), C the largest log-degree
+      among the seeds and w_q the seed's recency weight (decay^s for the s-th most recent);
+    - each hop: item → random user → random item, with restart at the walker's own seed;
+    - multi-hit boosting V[p] = (Σ_q √V_q[p])², favouring items reached from several seeds;
+    - early stop once `stop_items` items have `stop_visits` visits."""
+
     name = "graph"
 
-    def __init__(self, ui_indptr, ui_indices, iu_indptr, iu_indices, walkers=400, steps=4, restart=0.3, seeds=20, k=200):
+    def __init__(self, ui_indptr, ui_indices, iu_indptr, iu_indices, walkers=400, steps=4, restart=0.3, seeds=20, k=200,
+                 decay=0.9, stop_items=200, stop_visits=4):
         self.ui_indptr, self.ui_indices = ui_indptr, ui_indices
         self.iu_indptr, self.iu_indices = iu_indptr, iu_indices
         self.walkers, self.steps, self.restart, self.n_seeds, self.k = walkers, steps, restart, seeds, k
+        self.decay, self.stop_items, self.stop_visits = decay, stop_items, stop_visits
+
+    def walker_counts(self, seeds: np.ndarray) -> np.ndarray:
+        deg = (self.iu_indptr[seeds + 1] - self.iu_indptr[seeds]).astype(np.float64)
+        logd = np.log(np.maximum(deg, 1.0))
+        c = logd.max() + 1.0  # +1 keeps the largest-degree seed from getting zero walkers
+        w = self.decay ** np.arange(len(seeds)) * deg * (c - logd)
+        if w.sum() <= 0:
+            return np.zeros(len(seeds), np.int64)
+        return np.where(deg > 0, np.maximum(np.round(self.walkers * w / w.sum()), 1), 0).astype(np.int64)
 
     def __call__(self, ctx: RequestContext) -> Candidates:
         seeds = ctx.history[: self.n_seeds]
         if len(seeds) == 0:
             return Candidates.empty()
         rng = ctx.rng
-        # Walkers per seed ∝ its degree (popular seeds spread wider), at least one each.
-        deg = (self.iu_indptr[seeds + 1] - self.iu_indptr[seeds]).astype(np.float64)
-        if deg.sum() == 0:
+        share = self.walker_counts(seeds)
+        if share.sum() == 0:
             return Candidates.empty()
-        share = np.maximum(np.round(self.walkers * deg / deg.sum()), (deg > 0)).astype(np.int64)
-        origin = np.repeat(seeds, share)
+        slot = np.repeat(np.arange(len(seeds)), share)  # which seed each walker belongs to
+        origin = seeds[slot]
         pos = origin.copy()
-        visits = []
+        n_items = len(self.iu_indptr) - 1
+        keys = []
         for _ in range(self.steps):  # loop over hops, vectorised over walkers
             users, ok_u = _step(self.iu_indptr, self.iu_indices, pos, rng)
             items, ok_i = _step(self.ui_indptr, self.ui_indices, users, rng)
             alive = ok_u & ok_i
-            visits.append(items[alive])
-            # Restart at the walker's own seed with probability `restart`, or when stuck.
+            keys.append(slot[alive] * n_items + items[alive])
             back = (rng.random(len(pos)) < self.restart) | ~alive
             pos = np.where(back, origin, items)
-        if not visits:
+            if self.stop_items and len(keys) > 1:
+                _, c = np.unique(np.concatenate(keys) % n_items, return_counts=True)
+                if np.count_nonzero(c >= self.stop_visits) >= self.stop_items:
+                    break
+        if not keys:
             return Candidates.empty()
-        visited = np.concatenate(visits)
-        uniq, counts = np.unique(visited, return_counts=True)
-        return Candidates.from_source(uniq, counts.astype(np.float32), self.name).top(self.k)
+        per_seed, counts = np.unique(np.concatenate(keys), return_counts=True)
+        items = per_seed % n_items
+        uniq, inv = np.unique(items, return_inverse=True)
+        boosted = np.bincount(inv, weights=np.sqrt(counts), minlength=len(uniq)) ** 2
+        return Candidates.from_source(uniq, boosted.astype(np.float32), self.name).top(self.k)
+
+
+def build_follow(follow_indptr: np.ndarray, follow_authors: np.ndarray, item_author: np.ndarray, item_created: np.ndarray, n_authors: int, per_author: int = 50) -> dict[str, np.ndarray]:
+    """user → followed authors (CSR) and author → newest `per_author` items (CSR, newest first)."""
+    order = np.lexsort((-item_created, item_author))
+    a_sorted = item_author[order]
+    counts = np.bincount(a_sorted, minlength=n_authors)
+    start = np.concatenate([[0], np.cumsum(counts)])
+    rank = np.arange(len(order)) - start[a_sorted]
+    keep = rank < per_author
+    kept_counts = np.bincount(a_sorted[keep], minlength=n_authors)
+    return {
+        "user_indptr": follow_indptr.astype(np.int64),
+        "user_authors": follow_authors.astype(np.int64),
+        "author_indptr": np.concatenate([[0], np.cumsum(kept_counts)]).astype(np.int64),
+        "author_items": order[keep].astype(np.int64),
+    }
+
+
+class FollowRecall:
+    """Fresh items of the authors a user follows, newest first."""
+
+    name = "follow"
+
+    def __init__(self, user_indptr, user_authors, author_indptr, author_items, item_created, k=100, per_author=10):
+        self.user_indptr, self.user_authors = user_indptr, user_authors
+        self.author_indptr, self.author_items = author_indptr, author_items
+        self.item_created, self.k, self.per_author = item_created, k, per_author
+        self.newest = float(item_created.max()) if len(item_created) else 0.0
+
+    def __call__(self, ctx: RequestContext) -> Candidates:
+        if not ctx.known or ctx.user_idx + 1 >= len(self.user_indptr):
+            return Candidates.empty()
+        authors = self.user_authors[self.user_indptr[ctx.user_idx] : self.user_indptr[ctx.user_idx + 1]]
+        if len(authors) == 0:
+            return Candidates.empty()
+        # the newest `per_author` items of each followed author (rows are newest first)
+        starts = self.author_indptr[authors]
+        lens = np.minimum(self.author_indptr[authors + 1] - starts, self.per_author)
+        owner = np.repeat(np.arange(len(authors)), lens)
+        offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        items = self.author_items[starts[owner] + offs]
+        # score: age in days relative to the newest item (float32-safe, newest highest)
+        age = (self.item_created[items] - self.newest) / 86400.0
+        return Candidates.from_source(items, age.astype(np.float32), self.name).top(self.k)

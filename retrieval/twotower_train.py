@@ -3,8 +3,8 @@ embeddings -> numpy (and from there the faiss index).
 
 Loss: in-batch softmax over L2-normalised towers with temperature τ and the log-q
 sampling-bias correction of Yi et al. (RecSys 2019): logit(u, j) = <u, v_j>/τ − log p̂_j,
-where p̂_j is item j's share of the training positives (the frequency with which it
-appears as an in-batch negative).
+where p̂_j comes from the paper's streaming frequency estimate over the time-ordered
+training stream (`streaming_frequency`).
 """
 from __future__ import annotations
 
@@ -36,6 +36,35 @@ def masked_mean(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def streaming_frequency(item: np.ndarray, step: np.ndarray, n_items: int, alpha: float = 0.05, n_hash: int = 1 << 22) -> np.ndarray:
+    """Yi et al. (RecSys 2019), Algorithm 2: per hashed id, B ← (1−α)B + α(t − A), A ← t;
+    p̂ = 1/B, B being the estimated number of steps between two occurrences.
+
+    Computed for the whole time-ordered stream at once, the EMA seeded with a bucket's first
+    gap (a fixed initial B would bias every bucket seen fewer than ~1/α times):
+    B = (1−α)^(n−2) gap_1 + Σ_{k≥2} α(1−α)^(n−1−k) gap_k over its n−1 gaps. A bucket seen
+    once gets B = the stream length. Returns p̂ per item (float64 [n_items])."""
+    h = item % n_hash
+    order = np.lexsort((step, h))
+    hs, ts = h[order], step[order].astype(np.float64)
+    uniq, start, counts = np.unique(hs, return_index=True, return_counts=True)
+    n_steps = float(step.max() - step.min() + 1) if len(step) else 1.0
+    gap = np.diff(ts, prepend=np.nan)  # gap to the previous occurrence in the same bucket
+    rank = np.arange(len(hs)) - np.repeat(start, counts)  # 0 = first occurrence (no gap)
+    n = np.repeat(counts, counts)
+    w = np.where(rank == 1, (1 - alpha) ** (n - 2.0), alpha * (1 - alpha) ** (n - 1.0 - rank))
+    w[rank == 0] = 0.0
+    ema = np.bincount(np.repeat(np.arange(len(uniq)), counts), weights=np.nan_to_num(gap) * w, minlength=len(uniq))
+    b = np.where(counts > 1, ema, n_steps)
+    p_bucket = 1.0 / np.maximum(b, 1.0)
+    p = np.full(n_items, 1.0 / n_steps)
+    items_h = np.arange(n_items) % n_hash
+    pos = np.searchsorted(uniq, items_h)
+    found = (pos < len(uniq)) & (uniq[np.minimum(pos, len(uniq) - 1)] == items_h)
+    p[found] = p_bucket[pos[found]]
+    return p
+
+
 def run_epochs(opt, n: int, batch_size: int, epochs: int, rng: np.random.Generator, batch_loss, progress=None) -> float:
     """Shuffled minibatch epochs: `batch_loss(idx)` returns the loss of one batch of row
     indices; returns the last epoch's mean loss. Shared by every offline trainer."""
@@ -59,7 +88,8 @@ def run_epochs(opt, n: int, batch_size: int, epochs: int, rng: np.random.Generat
 class UserTower(nn.Module):
     def __init__(self, n_users: int, n_items: int, user_vocabs: list[int], dim: int, item_id_emb: nn.Embedding):
         super().__init__()
-        self.user_emb = nn.Embedding(n_users + 1, dim)
+        # sparse: only the rows in a batch are updated (SparseAdam), which keeps large catalogs cheap
+        self.user_emb = nn.Embedding(n_users + 1, dim, sparse=True)
         nn.init.normal_(self.user_emb.weight, std=0.05)
         self.fields = FieldEmbedding(user_vocabs, dim)
         self.hist_emb = item_id_emb  # shared with the item tower: history moves the query
@@ -74,7 +104,7 @@ class UserTower(nn.Module):
 class ItemTower(nn.Module):
     def __init__(self, n_items: int, item_vocabs: list[int], dim: int):
         super().__init__()
-        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0, sparse=True)
         nn.init.normal_(self.item_emb.weight, std=0.05)
         self.fields = FieldEmbedding(item_vocabs, dim)
         self.mlp = nn.Sequential(nn.Linear(2 * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
@@ -82,6 +112,21 @@ class ItemTower(nn.Module):
     def forward(self, item_idx, item_fields):
         x = torch.cat([self.item_emb(item_idx), self.fields(item_fields)], dim=1)
         return F.normalize(self.mlp(x), dim=1)
+
+
+class MultiOptimizer:
+    """Dense Adam for the networks, SparseAdam for the id embeddings, stepped together."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+
+    def zero_grad(self):
+        for o in self.opts:
+            o.zero_grad()
+
+    def step(self):
+        for o in self.opts:
+            o.step()
 
 
 @dataclass
@@ -102,6 +147,7 @@ def train_two_tower(
     row_user_fields: np.ndarray,  # int64 [N, Fu]
     row_hist: np.ndarray,  # int64 [N, L] model ids (0 pad)
     row_item: np.ndarray,  # int64 [N] positive item index
+    row_ts: np.ndarray | None = None,  # float [N] event time, for the streaming frequency estimate
     dim: int = 32,
     temperature: float = 0.05,
     epochs: int = 8,
@@ -115,11 +161,16 @@ def train_two_tower(
     rng = np.random.default_rng(seed)
     item_tower = ItemTower(n_items, item_vocabs, dim)
     user_tower = UserTower(n_users, n_items, user_vocabs, dim, item_tower.item_emb)
-    params = list(item_tower.parameters()) + [p for n, p in user_tower.named_parameters() if not n.startswith("hist_emb")]
-    opt = torch.optim.Adam(params, lr=lr)
-    # log-q: item share among training positives (≈ probability of being an in-batch negative)
-    freq = np.bincount(row_item, minlength=n_items).astype(np.float64) + 1.0
-    log_q = torch.from_numpy(np.log(freq / freq.sum()).astype(np.float32))
+    sparse = [item_tower.item_emb.weight, user_tower.user_emb.weight]
+    dense = [p for p in list(item_tower.parameters()) + list(user_tower.parameters()) if all(p is not q for q in sparse)]
+    dense = list({id(p): p for p in dense}.values())  # hist_emb is item_emb: count it once
+    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr), torch.optim.SparseAdam(sparse, lr=lr))
+    # log-q: streaming frequency estimate over the time-ordered positives
+    order = np.argsort(row_ts if row_ts is not None else np.arange(len(row_item)), kind="stable")
+    step = np.empty(len(row_item), np.int64)
+    step[order] = np.arange(len(row_item))  # one tick per event: no saturation for items in every batch
+    p_hat = streaming_frequency(row_item, step, n_items)
+    log_q = torch.from_numpy(np.log(p_hat).astype(np.float32))
     t_fields = torch.from_numpy(np.ascontiguousarray(item_fields, dtype=np.int64))
     u_all = torch.from_numpy(row_user + 1)
     uf_all = torch.from_numpy(np.ascontiguousarray(row_user_fields, dtype=np.int64))

@@ -68,25 +68,28 @@ def temporal_split(user: np.ndarray, ts: np.ndarray, test_frac: float = 0.2, min
 
 
 def recent_history(
-    user: np.ndarray, item: np.ndarray, keep: np.ndarray, n_users: int, length: int
+    user: np.ndarray, item: np.ndarray, keep: np.ndarray, n_users: int, length: int, rows: np.ndarray | None = None
 ) -> np.ndarray:
-    """For each row, the `length` most recent kept items of the same user strictly before
-    that row (rows sorted by (user, ts)); most recent first, padded with -1.
+    """For each row (or each of `rows`), the `length` most recent kept items of the same
+    user strictly before that row (rows sorted by (user, ts)); most recent first, padded
+    with -1.
 
     Vectorised: a per-user running index over kept rows, then a gather."""
     n = len(user)
-    out = np.full((n, length), -1, np.int64)
     if n == 0:
-        return out
+        return np.full((0 if rows is None else len(rows), length), -1, np.int64)
     kept_pos = np.cumsum(keep) - keep  # number of kept rows strictly before each row (global)
     kept_items = item[keep]
     # global kept index of the first kept row of each user
     first_row = np.searchsorted(user, np.arange(n_users))
     user_kept_start = kept_pos[np.minimum(first_row, n - 1)]
     user_kept_start = np.where(first_row < n, user_kept_start, 0)
-    start = user_kept_start[user]
+    rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
+    start = user_kept_start[user[rows]]
+    base = kept_pos[rows]
+    out = np.full((len(rows), length), -1, np.int64)
     for j in range(length):  # loop over history slots, not rows
-        pos = kept_pos - 1 - j
+        pos = base - 1 - j
         ok = pos >= start
         out[ok, j] = kept_items[pos[ok]]
     return out

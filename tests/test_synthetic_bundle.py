@@ -43,6 +43,8 @@ def test_eval_on_synthetic_bundle(synthetic_bundle):
     path, _ = synthetic_bundle
     r = evaluate(path, k=20, max_users=100)
     assert r["dataset"] == "synthetic" and r["users"] == 100
-    assert set(r["recall"]) == {"ann", "itemcf", "graph", "popular", "fresh"}
+    assert set(r["recall"]) == {"ann", "itemcf", "graph", "popular", "fresh", "follow"}
+    assert set(r["unique_share"]) == set(r["recall"])
+    assert r["ranker_agreement@20"]["users"] > 0
     assert set(r["ranker_auc"]) == {"click", "long_view", "like", "share", "follow", "dislike", "continue"}
     assert 0 <= r["pipeline"]["recall@20"] <= 1
