@@ -132,6 +132,34 @@ def eval_cmd(
     c.print({t: v for t, v in report["ranker_auc"].items()}, "ranker AUC per task")
 
 
+@app.command("bench")
+def bench_cmd(
+    bundle: Annotated[Path, typer.Option(help="bundle directory")] = Path("bundles/current"),
+    requests: Annotated[int, typer.Option(help="timed requests")] = 2000,
+    warmup: Annotated[int, typer.Option(help="untimed warm-up requests")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """In-process latency per stage, per recall path and end to end (p50/p95/p99)."""
+    from app.bench import bench
+
+    report = bench(bundle, requests=requests, warmup=warmup)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{report['bundle']}: {report['items']} items, {report['requests']} requests, {report['threads']} thread(s)")
+    for col in ("stage", "p50 ms", "p95 ms", "p99 ms"):
+        t.add_column(col, justify="right" if col != "stage" else "left")
+    rows = [("end to end", report["end_to_end_ms"])] + list(report["stages_ms"].items()) + [(f"  recall/{k}", v) for k, v in report["recall_paths_ms"].items()]
+    for name, m in rows:
+        t.add_row(name, f"{m['p50']:.3f}", f"{m['p95']:.3f}", f"{m['p99']:.3f}")
+    c = Console()
+    c.print(t)
+    c.print(f"peak RSS {report['peak_rss_mb']} MB, bundle {report['bundle_bytes'] / 1e6:.1f} MB, load {report['bundle_load_s']} s")
+
+
 def main() -> None:
     app()
 
