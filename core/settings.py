@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     quota_fresh: int = 50
     quota_follow: int = 100
     recall_total: int = 800
+    merge_multi_hit: float = 1.0  # merge priority ÷ (1 + this × (paths that found the item − 1))
     ann_k: int = 400
     # Item-CF: seeds = the user's last N positive items, weighted by recency
     itemcf_seeds: int = 30
@@ -62,10 +63,10 @@ class Settings(BaseSettings):
     rerank_beam_width: int = Field(8, ge=1, le=64)
     rerank_top_m: int = Field(150, ge=1)
     rerank_author_window: int = Field(5, ge=0)  # previous slots checked for the same author
-    rerank_author_penalty: float = Field(0.4, ge=0.0, le=1.0)  # share of an item's value lost per same-author item there
+    rerank_author_penalty: float = Field(0.05, ge=0.0, le=1.0)  # share of an item's value lost per same-author item there
     rerank_category_window: int = Field(5, ge=0)
     rerank_category_free: int = Field(1, ge=0)  # same-category items in the window that cost nothing
-    rerank_category_penalty: float = Field(0.1, ge=0.0, le=1.0)  # per same-category item beyond the free ones
+    rerank_category_penalty: float = Field(0.03, ge=0.0, le=1.0)  # per same-category item beyond the free ones
     rerank_min_author_gap: int = Field(2, ge=0)  # hard: one author's items at least this many slots apart (<= 1: off)
     rerank_max_per_category: int = Field(0, ge=0)  # hard: at most this many of a category per rerank_cap_window slots (0: off)
     rerank_cap_window: int = Field(5, ge=1)

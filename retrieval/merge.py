@@ -18,10 +18,11 @@ class CandidateSource(Protocol):
     def __call__(self, ctx: RequestContext) -> Candidates: ...
 
 
-def merge_candidates(parts: list[tuple[Candidates, int]], blocked: np.ndarray, total: int) -> Candidates:
+def merge_candidates(parts: list[tuple[Candidates, int]], blocked: np.ndarray, total: int, multi_hit: float = 1.0) -> Candidates:
     """parts: (candidates of one source, its quota). Each source's candidates are ranked by
     its own score; an item's priority is rank/quota (< 1 inside its quota), the best over
-    the sources that found it. The `total` best priorities are kept."""
+    the sources that found it, divided by 1 + multi_hit·(paths that found it − 1) so items
+    several paths agree on come first. The `total` best priorities are kept."""
     items, bits, keys = [], [], []
     for cands, quota in parts:
         if len(cands) == 0 or quota <= 0:
@@ -41,6 +42,9 @@ def merge_candidates(parts: list[tuple[Candidates, int]], blocked: np.ndarray, t
     np.bitwise_or.at(merged_bits, inv, bit)
     best = np.full(len(uniq), np.inf, np.float32)
     np.minimum.at(best, inv, key)
+    if multi_hit:
+        hits = np.bincount(inv, minlength=len(uniq)).astype(np.float32)
+        best = best / (1.0 + multi_hit * (hits - 1.0))
     # Score: higher is better, so the negated priority; ties broken by item order (stable).
     merged = Candidates(uniq, merged_bits, -best)
     return merged.top(min(total, len(merged)))
@@ -52,8 +56,8 @@ class RecallMerge:
 
     name = "recall"
 
-    def __init__(self, sources: list[CandidateSource], quotas: dict[str, int], total: int, on_error: Callable[[str, Exception], None] | None = None):
-        self.sources, self.quotas, self.total = sources, quotas, total
+    def __init__(self, sources: list[CandidateSource], quotas: dict[str, int], total: int, on_error: Callable[[str, Exception], None] | None = None, multi_hit: float = 1.0):
+        self.sources, self.quotas, self.total, self.multi_hit = sources, quotas, total, multi_hit
         self.on_error = on_error
 
     def __call__(self, ctx: RequestContext, cands: Candidates) -> Candidates:
@@ -72,4 +76,4 @@ class RecallMerge:
         ctx.trace_extra["recall_paths"] = report
         if len(cands):  # candidates handed in (e.g. by a caller) compete too
             parts.append((cands, len(cands)))
-        return merge_candidates(parts, ctx.blocked(), self.total)
+        return merge_candidates(parts, ctx.blocked(), self.total, self.multi_hit)

@@ -150,3 +150,13 @@ def test_full_pipeline_output(pipeline):
     assert len(out) == 20
     assert not np.isin(out.item, hist).any() and not np.isin(out.item, np.arange(30)).any()
     assert np.all(np.diff(out.score) <= 0)
+
+
+def test_merge_puts_multi_path_items_first():
+    a = Candidates.from_source(np.array([1, 2, 3, 4]), np.array([4.0, 3.0, 2.0, 1.0]), "ann")
+    g = Candidates.from_source(np.array([9, 8, 4]), np.array([3.0, 2.0, 1.0]), "graph")
+    out = merge_candidates([(a, 4), (g, 3)], np.zeros(0, np.int64), total=7)
+    # 4 is last in both paths alone, but found by both: priority min(3/4, 2/3) / 2 = 1/3
+    assert out.item.tolist()[:4] == [1, 9, 2, 4]
+    plain = merge_candidates([(a, 4), (g, 3)], np.zeros(0, np.int64), total=7, multi_hit=0.0)
+    assert plain.item.tolist().index(4) > plain.item.tolist().index(8)
