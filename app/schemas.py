@@ -38,6 +38,7 @@ class StageTraceOut(BaseModel):
 class Trace(BaseModel):
     stages: list[StageTraceOut]
     recall_paths: dict[str, dict]
+    rerank: dict = {}  # reranker notes: mode, reach source, relaxed constraints per slot
     heads: dict[str, list[float]]  # task -> probability per returned item
     total_ms: float
 

@@ -26,7 +26,16 @@ def test_recommend_known_user(client):
     assert len(sources) >= 2
     assert body["bundle_version"] == b.version and body["bucket"] == "main" and "trace" not in body
     scores = [i["score"] for i in body["items"]]
-    assert scores == sorted(scores, reverse=True)
+    pipe = client.app.state.funnel.pipeline
+    if pipe.settings.rerank_mode == "sort":
+        assert scores == sorted(scores, reverse=True)
+    else:  # beam/greedy reorder by the list reward; every item keeps its fused score
+        from fusion.formula import fused_log_score
+
+        dbg = client.post("/v1/recommend", json={"user_id": user, "count": 20, "debug": True}).json()
+        heads = np.array([dbg["trace"]["heads"][t] for t in b.schema.task_names]).T
+        alpha, beta = (np.array([pipe.fusion_params[t][k] for t in b.schema.task_names]) for k in (0, 1))
+        np.testing.assert_allclose([i["score"] for i in dbg["items"]], fused_log_score(heads, alpha, beta), rtol=1e-3, atol=1e-3)
 
 
 def test_recommend_debug_trace(client):
@@ -199,3 +208,9 @@ def test_cold_user_feedback_personalises_the_next_feed(client):
     paths = body["trace"]["recall_paths"]
     assert paths["itemcf"]["n"] > 0 and paths["ann"]["n"] > 0
     assert any(set(i["sources"]) - {"popular", "fresh"} for i in body["items"])
+
+
+def test_debug_trace_reports_the_reranker(client):
+    _, user = _known_user(client)
+    body = client.post("/v1/recommend", json={"user_id": user, "count": 10, "debug": True}).json()
+    assert body["trace"]["rerank"], "the reranker's notes are missing from the trace"

@@ -42,6 +42,7 @@ async def recommend(req: RecommendRequest, state: StateDep, pipeline: PipelineDe
         out["trace"] = {
             "stages": [{"stage": t.name, "n_in": t.n_in, "n_out": t.n_out, "ms": t.ms, "sources": t.sources} for t in trace],
             "recall_paths": ctx.trace_extra.get("recall_paths", {}),
+            "rerank": ctx.trace_extra.get("rerank", {}),
             "heads": heads,
             "total_ms": round(elapsed * 1e3, 3),
         }
