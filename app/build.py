@@ -142,6 +142,7 @@ def build_bundle(
     ds: Dataset, source: dict, out: Path, *, epochs_tt: int = 8, epochs_rank: int = 6, n_neg: int = 2, n_hard: int = 4,
     seed: int = 0, version: str | None = None, ann_k: int = 400, itemcf: str = "swing",
     max_rank_rows: int = 3_000_000, max_eval_rows: int = 500_000, max_tt_rows: int = 5_000_000,
+    hist_grad: bool | None = None,
 ) -> dict:
     import torch
 
@@ -160,6 +161,11 @@ def build_bundle(
     train = ~ds.test
     train_pos = train & ds.positive
     metrics: dict = {}
+    if hist_grad is None:
+        # History gradients help (ml-100k: pipeline recall@20 0.157 vs 0.141, click AUC 0.803 vs
+        # 0.786) but touch batch × history rows of the item table per step; above 200k items
+        # that dominates training time, so the history pooling is stop-gradient there.
+        hist_grad = ds.n_items <= 200_000
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
     with progress:
@@ -188,7 +194,7 @@ def build_bundle(
             n_users=ds.n_users, n_items=ds.n_items,
             user_vocabs=[f.vocab for f in s.user_fields], item_vocabs=[f.vocab for f in s.item_fields],
             item_fields=ds.item_fields, row_user=ds.ev_user[rows], row_user_fields=ds.user_fields[ds.ev_user[rows]],
-            row_hist=tt_hist, row_item=ds.ev_item[rows], row_ts=ds.ev_ts[rows], dim=s.emb_dim, epochs=epochs_tt, seed=seed,
+            row_hist=tt_hist, row_item=ds.ev_item[rows], row_ts=ds.ev_ts[rows], dim=s.emb_dim, epochs=epochs_tt, seed=seed, hist_grad=hist_grad,
             progress=lambda e, n, loss: progress.update(step, completed=e, note=f"loss {loss:.3f}"),
         )
         ut_sig = export_user_tower(tt.user_tower, len(s.user_fields), L, tmp / "user_tower.onnx")
@@ -239,7 +245,7 @@ def build_bundle(
         rk = train_ranker(
             feeds, tr_y, n_users=ds.n_users, n_items=ds.n_items,
             user_vocabs=[f.vocab for f in s.user_fields], item_vocabs=[f.vocab for f in s.item_fields],
-            epochs=epochs_rank, seed=seed,
+            epochs=epochs_rank, seed=seed, hist_grad=hist_grad,
             progress=lambda e, n, loss: progress.update(step, completed=e, note=f"loss {loss:.3f}"),
         )
         rk_sig = export_ranker(rk.model, len(s.user_fields), len(s.item_fields), L, tmp / "ranker.onnx")

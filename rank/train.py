@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from rank.features import DENSE_FEATURES
-from retrieval.twotower_train import FieldEmbedding, MultiOptimizer, masked_mean, run_epochs
+from retrieval.twotower_train import FieldEmbedding, MultiOptimizer, RowAdam, pooled_history, run_epochs
 
 
 class MultiTaskRanker(nn.Module):
-    def __init__(self, n_users, n_items, user_vocabs, item_vocabs, n_tasks, dim=16, hidden=(128, 64)):
+    def __init__(self, n_users, n_items, user_vocabs, item_vocabs, n_tasks, dim=16, hidden=(128, 64), hist_grad=False):
         super().__init__()
-        # sparse: only a batch's rows are updated (SparseAdam), which keeps 1M-item catalogs cheap
+        self.hist_grad = hist_grad
+        # sparse: only a batch's rows are updated (RowAdam), which keeps 1M-item catalogs cheap
         self.user_emb = nn.Embedding(n_users + 1, dim, sparse=True)
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0, sparse=True)
         for e in (self.user_emb, self.item_emb):
@@ -41,7 +42,7 @@ class MultiTaskRanker(nn.Module):
     def logits(self, user_idx, user_fields, hist, item_idx, item_fields, dense):
         u = self.user_emb(user_idx)
         i = self.item_emb(item_idx)
-        h = masked_mean(self.item_emb(hist), hist)
+        h = pooled_history(self.item_emb, hist, self.hist_grad and self.training)
         x = torch.cat([u, self.user_fields(user_fields), i, self.item_fields(item_fields), h, i * h, dense], dim=1)
         return self.heads(self.bottom(x))
 
@@ -72,16 +73,17 @@ def train_ranker(
     lr: float = 2e-3,
     weight_decay: float = 1e-6,
     seed: int = 0,
+    hist_grad: bool = False,
     progress=None,
 ) -> RankerResult:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n, t = labels.shape
     batch_size = batch_size or int(np.clip(n // 300, 256, 2048))
-    model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t)
+    model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t, hist_grad=hist_grad)
     sparse = [model.user_emb.weight, model.item_emb.weight]
     dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
-    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay), torch.optim.SparseAdam(sparse, lr=lr))
+    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay), RowAdam(sparse, lr=lr))
     tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES]
     mask = ~np.isnan(labels)
     y = torch.from_numpy(np.nan_to_num(labels, nan=0.0).astype(np.float32))

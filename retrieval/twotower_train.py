@@ -31,6 +31,16 @@ class FieldEmbedding(nn.Module):
         return self.table(fields + self.offsets).sum(dim=1)
 
 
+def pooled_history(table: nn.Embedding, ids: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Mean of the history's item embeddings. With grad=False the history does not
+    back-propagate into the item table (it is trained through the target side): a step
+    then touches batch rows instead of batch × history-length rows, which is what keeps
+    training on a million-item table fast."""
+    if grad:
+        return masked_mean(table(ids), ids)
+    return masked_mean(F.embedding(ids, table.weight.detach(), padding_idx=0), ids)
+
+
 def masked_mean(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     mask = (ids > 0).unsqueeze(-1).to(emb.dtype)
     return (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -86,9 +96,10 @@ def run_epochs(opt, n: int, batch_size: int, epochs: int, rng: np.random.Generat
 
 
 class UserTower(nn.Module):
-    def __init__(self, n_users: int, n_items: int, user_vocabs: list[int], dim: int, item_id_emb: nn.Embedding):
+    def __init__(self, n_users: int, n_items: int, user_vocabs: list[int], dim: int, item_id_emb: nn.Embedding, hist_grad: bool = False):
         super().__init__()
-        # sparse: only the rows in a batch are updated (SparseAdam), which keeps large catalogs cheap
+        self.hist_grad = hist_grad
+        # sparse: only the rows in a batch are updated (RowAdam), which keeps large catalogs cheap
         self.user_emb = nn.Embedding(n_users + 1, dim, sparse=True)
         nn.init.normal_(self.user_emb.weight, std=0.05)
         self.fields = FieldEmbedding(user_vocabs, dim)
@@ -96,7 +107,7 @@ class UserTower(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(3 * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
 
     def forward(self, user_idx, user_fields, hist):
-        pooled = masked_mean(self.hist_emb(hist), hist)
+        pooled = pooled_history(self.hist_emb, hist, self.hist_grad and self.training)
         x = torch.cat([self.user_emb(user_idx), self.fields(user_fields), pooled], dim=1)
         return F.normalize(self.mlp(x), dim=1)
 
@@ -114,8 +125,44 @@ class ItemTower(nn.Module):
         return F.normalize(self.mlp(x), dim=1)
 
 
+class RowAdam:
+    """Adam for sparse-gradient embeddings, updating only the rows a batch touched ("lazy"
+    Adam, as SparseAdam) with plain gathers/scatters: torch's SparseAdam spends most of a
+    step in sparse_mask / sparse add_ over million-row tables."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
+        # state as numpy arrays; updates go through numpy views of the parameters
+        self.m = [np.zeros(tuple(p.shape), np.float32) for p in self.params]
+        self.v = [np.zeros(tuple(p.shape), np.float32) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad.coalesce()
+            idx, val = g.indices()[0].numpy(), g.values().numpy()
+            if len(idx) == 0:
+                continue
+            w = p.data.numpy()
+            m_rows = self.b1 * m[idx] + (1 - self.b1) * val
+            v_rows = self.b2 * v[idx] + (1 - self.b2) * val * val
+            m[idx] = m_rows
+            v[idx] = v_rows
+            w[idx] -= self.lr * (m_rows / c1) / (np.sqrt(v_rows / c2) + self.eps)
+
+
 class MultiOptimizer:
-    """Dense Adam for the networks, SparseAdam for the id embeddings, stepped together."""
+    """Dense Adam for the networks, row-wise Adam for the id embeddings, stepped together."""
 
     def __init__(self, *opts):
         self.opts = opts
@@ -155,16 +202,17 @@ def train_two_tower(
     lr: float = 3e-3,
     user_dropout: float = 0.2,
     seed: int = 0,
+    hist_grad: bool = False,
     progress=None,
 ) -> TwoTowerResult:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     item_tower = ItemTower(n_items, item_vocabs, dim)
-    user_tower = UserTower(n_users, n_items, user_vocabs, dim, item_tower.item_emb)
+    user_tower = UserTower(n_users, n_items, user_vocabs, dim, item_tower.item_emb, hist_grad)
     sparse = [item_tower.item_emb.weight, user_tower.user_emb.weight]
     dense = [p for p in list(item_tower.parameters()) + list(user_tower.parameters()) if all(p is not q for q in sparse)]
     dense = list({id(p): p for p in dense}.values())  # hist_emb is item_emb: count it once
-    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr), torch.optim.SparseAdam(sparse, lr=lr))
+    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr), RowAdam(sparse, lr=lr))
     # log-q: streaming frequency estimate over the time-ordered positives
     order = np.argsort(row_ts if row_ts is not None else np.arange(len(row_item)), kind="stable")
     step = np.empty(len(row_item), np.int64)
