@@ -9,6 +9,7 @@ from core.candidates import Candidates
 from core.context import RequestContext
 
 EXACT_BELOW = 50_000
+IVF_FROM = 200_000  # HNSW from EXACT_BELOW, IVF from here: HNSW needs efSearch ≈ 2k at large k
 TARGET_RECALL = 0.95
 
 
@@ -20,10 +21,14 @@ def index_recall(index, exact, queries: np.ndarray, k: int) -> float:
     return float(np.mean(hits))
 
 
-def build_index(item_emb: np.ndarray, queries: np.ndarray | None = None, k: int = 400, exact_below: int = EXACT_BELOW, target: float = TARGET_RECALL):
-    """Exact inner product below `exact_below` items; HNSW32 above, with efSearch raised
-    (never below k: faiss does not do it itself) until recall@k against exact search on
-    `queries` (real user vectors) reaches `target`. Returns (index, params for the manifest)."""
+def build_index(
+    item_emb: np.ndarray, queries: np.ndarray | None = None, k: int = 400, exact_below: int = EXACT_BELOW,
+    ivf_from: int = IVF_FROM, target: float = TARGET_RECALL, seed: int = 0,
+):
+    """Exact inner product below `exact_below` items; HNSW32 up to `ivf_from`, IVFFlat
+    above. The search parameter (efSearch, never below k since faiss does not raise it
+    itself; or nprobe) is raised until recall@k against exact search on `queries` (real
+    user vectors) reaches `target`. Returns (index, params for the manifest)."""
     import faiss
 
     n, d = item_emb.shape
@@ -32,14 +37,26 @@ def build_index(item_emb: np.ndarray, queries: np.ndarray | None = None, k: int 
     exact.add(x)
     if n < exact_below:
         return exact, {"type": "flat_ip", "k": k, "recall_at_k": 1.0}
+    k = min(k, n)
+    rng = np.random.default_rng(seed)
+    if queries is None or len(queries) == 0:
+        queries = x[rng.choice(n, 200, replace=False)]
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    tried = {}
+    if n >= ivf_from:
+        nlist = int(4 * np.sqrt(n))  # ≈ 4000 lists at 1M items
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x[rng.choice(n, min(n, 64 * nlist), replace=False)])
+        index.add(x)
+        for nprobe in (8, 16, 24, 32, 48, 64, 96, 128, 256):
+            index.nprobe = nprobe
+            tried[nprobe] = round(index_recall(index, exact, q, k), 4)
+            if tried[nprobe] >= target:
+                break
+        return index, {"type": "ivf_flat", "nlist": nlist, "nprobe": index.nprobe, "k": k, "recall_at_k": tried[index.nprobe], "tried": tried, "queries": len(q)}
     index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = 40
     index.add(x)
-    k = min(k, n)
-    if queries is None or len(queries) == 0:
-        queries = x[np.random.default_rng(0).choice(n, 200, replace=False)]
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    tried = {}
     for ef in (k, int(1.5 * k), 2 * k, 3 * k, 4 * k, 6 * k, 8 * k):
         index.hnsw.efSearch = ef
         tried[ef] = round(index_recall(index, exact, q, k), 4)

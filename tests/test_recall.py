@@ -150,3 +150,14 @@ def test_follow_path_returns_newest_items_of_followed_authors():
     assert c.item.tolist() == [3, 4, 1, 2]  # newest first; author 0's oldest item (0) beyond per_author
     assert 5 not in c.item  # author 2 not followed
     assert len(rec(_ctx(user_idx=1))) == 0 and len(rec(_ctx(user_idx=-1))) == 0
+
+
+def test_ivf_index_reaches_target_recall():
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(40, 16))
+    x = centres[rng.integers(0, 40, 8000)] + 0.3 * rng.normal(size=(8000, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    q = x[rng.choice(8000, 100, replace=False)]
+    index, params = build_index(x, q, k=100, exact_below=1000, ivf_from=5000)
+    assert params["type"] == "ivf_flat" and index.nprobe == params["nprobe"]
+    assert params["recall_at_k"] >= 0.95
