@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rank.features import DENSE_FEATURES
-from retrieval.twotower_train import FieldEmbedding, MultiOptimizer, RowAdam, pooled_history, run_epochs
+from retrieval.twotower_train import FieldEmbedding, MultiOptimizer, embedding_optimizer, pooled_history, run_epochs
 
 
 class MultiTaskRanker(nn.Module):
@@ -83,7 +83,7 @@ def train_ranker(
     model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t, hist_grad=hist_grad)
     sparse = [model.user_emb.weight, model.item_emb.weight]
     dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
-    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay), RowAdam(sparse, lr=lr))
+    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay), embedding_optimizer(sparse, lr))
     tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES]
     mask = ~np.isnan(labels)
     y = torch.from_numpy(np.nan_to_num(labels, nan=0.0).astype(np.float32))

@@ -161,6 +161,17 @@ class RowAdam:
             w[idx] -= self.lr * (m_rows / c1) / (np.sqrt(v_rows / c2) + self.eps)
 
 
+def embedding_optimizer(params, lr: float):
+    """torch's SparseAdam for small tables, RowAdam for large ones: SparseAdam's
+    sparse_mask / sparse add_ scale with the table (slow at 1M rows), while RowAdam's numpy
+    row updates were measured far slower than SparseAdam on ml-100k-sized tables with
+    history gradients (a 25 s build took 15 min)."""
+    params = list(params)
+    if max(p.shape[0] for p in params) > 200_000:
+        return RowAdam(params, lr=lr)
+    return torch.optim.SparseAdam(params, lr=lr)
+
+
 class MultiOptimizer:
     """Dense Adam for the networks, row-wise Adam for the id embeddings, stepped together."""
 
@@ -212,7 +223,7 @@ def train_two_tower(
     sparse = [item_tower.item_emb.weight, user_tower.user_emb.weight]
     dense = [p for p in list(item_tower.parameters()) + list(user_tower.parameters()) if all(p is not q for q in sparse)]
     dense = list({id(p): p for p in dense}.values())  # hist_emb is item_emb: count it once
-    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr), RowAdam(sparse, lr=lr))
+    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr), embedding_optimizer(sparse, lr))
     # log-q: streaming frequency estimate over the time-ordered positives
     order = np.argsort(row_ts if row_ts is not None else np.arange(len(row_item)), kind="stable")
     step = np.empty(len(row_item), np.int64)
