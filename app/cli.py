@@ -193,6 +193,50 @@ def rerank_sim(
     Console(width=max(100, Console().width)).print(t)
 
 
+@app.command("tune-sim")
+def tune_sim(
+    algo: Annotated[str, typer.Option(help="cem or es")] = "cem",
+    rounds: Annotated[int, typer.Option(help="tuner rounds to run")] = 40,
+    bundle: Annotated[Optional[Path], typer.Option(help="synthetic bundle (default: build one in a temp dir)")] = None,
+    save_bundle: Annotated[Optional[Path], typer.Option(help="build the bundle here (reused when it exists) instead of a temp dir")] = None,
+    items: Annotated[int, typer.Option(help="world catalog size when building")] = 3000,
+    users: Annotated[int, typer.Option(help="world users when building (many: users should outnumber sessions)")] = 60000,
+    seed: Annotated[int, typer.Option(help="world seed (when building) and simulation seed")] = 0,
+    population: Annotated[int, typer.Option(help="exploration buckets per round")] = 6,
+    traffic_share: Annotated[float, typer.Option(help="share of users in the experiment")] = 1.0,
+    min_impressions: Annotated[int, typer.Option(help="impressions per bucket that close a round")] = 2000,
+    sigma: Annotated[float, typer.Option(help="initial σ (log|β| units)")] = 0.5,
+    rerank: Annotated[str, typer.Option(help="served rerank mode: sort, greedy or beam")] = "sort",
+    flip_at: Annotated[Optional[int], typer.Option(help="fault run: the world's preferences flip before this round")] = None,
+    tuner: Annotated[Optional[str], typer.Option(help="extra tuner config as JSON, e.g. '{\"step_size\": 0.2}'")] = None,
+    redis_url: Annotated[Optional[str], typer.Option(help="run the server on a Redis store instead of SQLite")] = None,
+    eval_users: Annotated[int, typer.Option(help="users whose expected reward measures prior, final, oracle and each round")] = 1500,
+    oracle_users: Annotated[int, typer.Option(help="other users the oracle is searched on")] = 1000,
+    oracle_iters: Annotated[Optional[int], typer.Option(help="oracle CEM iterations (default 25 with --rerank sort, else 6)")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of reward per round (default tune-sim-<algo>.png; needs matplotlib)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The online fusion tuner against the synthetic world: simulated users over the HTTP API."""
+    from app.tune_sim import run_tune_sim
+
+    report = run_tune_sim(
+        algo=algo, rounds=rounds, bundle=bundle, save_bundle=save_bundle, items=items, users=users, seed=seed,
+        population=population, traffic_share=traffic_share, min_impressions=min_impressions, sigma=sigma, rerank=rerank,
+        flip_at=flip_at, tuner=json.loads(tuner) if tuner else None, redis_url=redis_url, eval_users=eval_users,
+        oracle_users=oracle_users, oracle_iters=oracle_iters,
+        plot=plot or Path(f"tune-sim-{algo}.png"), show=True,
+    )
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(
+        f"{report['algo'].upper()} {report['rounds']} rounds, {report['sessions']} sessions: reward per impression "
+        f"prior {report['reward_prior']:.4f} → final {report['reward_final']:.4f} ({report['gain_pct']:+.1f}%), "
+        f"oracle {report['reward_oracle']:.4f} ({report['gap_to_oracle_pct']:.1f}% gap); rollbacks {report['rollback_rounds']}; "
+        f"plot {report.get('plot')}"
+    )
+
+
 def main() -> None:
     app()
 

@@ -9,10 +9,10 @@ from fastapi.exceptions import RequestValidationError
 
 from app.errors import FieldError, field_error_handler, validation_handler
 from app.metrics import Metrics
-from app.routes import feedback, health, recommend
+from app.routes import admin, feedback, health, recommend
 from app.state import AppState
 from core.settings import Settings
-from core.store import SQLiteStore, Store
+from core.store import Store, open_store
 
 
 def create_app(settings: Settings | None = None, *, store: Store | None = None, background_load: bool = True) -> FastAPI:
@@ -20,16 +20,18 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        st = store or SQLiteStore(settings.db_path, settings.served_log_ttl_s)
+        st = store or open_store(settings)
         state = AppState(settings=settings, store=st, metrics=Metrics())
         app.state.funnel = state
         # Load off the event loop so /healthz answers (and /readyz says 503) while loading.
         task = asyncio.get_running_loop().run_in_executor(None, state.load_bundle)
         if not background_load:
             await task
+        state.start_poller()
         try:
             yield
         finally:
+            await state.stop_poller()
             if not task.done():
                 await task
             if store is None:
@@ -41,4 +43,5 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     app.include_router(health.router)
     app.include_router(recommend.router)
     app.include_router(feedback.router)
+    app.include_router(admin.router)
     return app

@@ -1,6 +1,8 @@
-"""What the app's lifespan owns: settings, store, metrics, and the loaded pipeline."""
+"""What the app's lifespan owns: settings, store, metrics, the loaded pipeline, and the
+fusion service (parameters, buckets, tuner) with its round-closing poller."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -10,6 +12,9 @@ from app.pipeline import Pipeline
 from core.bundle import Bundle, BundleError
 from core.settings import Settings
 from core.store import Store
+from fusion.formula import FusionBounds
+from fusion.service import FusionService
+from fusion.tuner import TunerConfig
 
 log = logging.getLogger("funnel")
 
@@ -21,7 +26,20 @@ class AppState:
     metrics: Metrics
     pipeline: Pipeline | None = None
     load_error: str | None = None
+    fusion: FusionService | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _poller: asyncio.Task | None = None
+
+    def __post_init__(self) -> None:
+        if self.fusion is None:
+            s = self.settings
+            self.fusion = FusionService(
+                self.store,
+                FusionBounds(s.fusion_alpha_min, s.fusion_alpha_max, s.fusion_beta_min, s.fusion_beta_max),
+                scene=s.tuner_scene,
+                initial_config=TunerConfig.model_validate(s.tuner),
+                cache_seconds=s.fusion_cache_seconds,
+            )
 
     def load_bundle(self) -> None:
         """Load and validate the configured bundle; on failure keep the error for /readyz."""
@@ -42,12 +60,40 @@ class AppState:
             observe=lambda stage, sec: self.metrics.stage_seconds.labels(stage).observe(sec),
             on_error=lambda source, exc: self.metrics.recall_errors.labels(source).inc(),
         )
+        self.fusion.bind(bundle.schema, pipeline.fusion_params)
         with self._lock:
             self.pipeline = pipeline
             self.load_error = None
         self.metrics.bundle_info.labels(bundle.version, bundle.schema.dataset).set(1)
         self.metrics.ready.set(1)
         log.info("serving bundle %s (%s, %d items)", bundle.version, bundle.schema.dataset, bundle.n_items)
+
+    # --- the tuner's round-closing poller: every worker checks; the store's lock lets one close
+
+    def start_poller(self) -> None:
+        interval = self.settings.tuner_poll_seconds
+        if interval > 0 and self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(interval))
+
+    async def stop_poller(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except asyncio.CancelledError:
+                pass
+            self._poller = None
+
+    async def _poll(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                entry = await loop.run_in_executor(None, self.fusion.maybe_close)
+                if entry is not None:
+                    log.info("tuner: closed round %s (%s, %s)", entry["round"], entry["reason"], entry["update"])
+            except Exception:  # a store hiccup must not kill the poller
+                log.exception("tuner: round close check failed")
 
 
 def _set_faiss_threads(n: int) -> None:

@@ -75,6 +75,20 @@ class Settings(BaseSettings):
     rerank_continue_task: str = "continue"  # head giving P(continue); without it a proxy from the negative heads
     rerank_continue_base: float = Field(0.9, ge=0.0, le=1.0)  # the proxy's continue rate with no negative feedback
 
+    # Fusion bounds, online tuner and state store (fusion/tuner.py, core/store.py, core/redis_store.py).
+    # Bounds hold for manual changes and the tuner alike: alpha in [min, max]; |beta| in
+    # [min, max] with beta's sign fixed by the task's polarity.
+    fusion_alpha_min: float = Field(0.0, ge=0.0)
+    fusion_alpha_max: float = Field(1.0, ge=0.0)
+    fusion_beta_min: float = Field(0.01, gt=0.0)
+    fusion_beta_max: float = Field(5.0, gt=0.0)
+    fusion_cache_seconds: float = Field(1.0, ge=0.0)  # how stale a worker's view of params/tuner may be
+    tuner_scene: str = "home"  # the scene the tuner experiments on
+    tuner: dict = Field(default_factory=dict)  # initial TunerConfig fields (JSON), used until the store holds a config
+    tuner_poll_seconds: float = Field(2.0, ge=0.0)  # each worker checks whether the round can close (0: never)
+    redis_url: str | None = None  # set: state in Redis (several workers/hosts); unset: SQLite at db_path
+    redis_prefix: str = "funnel:"
+
     # Runtime
     compute_threads: int = 1
     served_log_ttl_s: float = 7 * 24 * 3600.0

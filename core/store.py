@@ -1,18 +1,40 @@
-"""State store. One protocol; the embedded default is SQLite (WAL, beside the bundles,
-survives restarts). A Redis backend for several workers/hosts comes with the tuner work.
+"""State store. One protocol, two backends: SQLite (embedded default: WAL, a file beside the
+bundles, survives restarts) and Redis (core/redis_store.py, `FUNNEL_REDIS_URL`, for several
+workers or hosts). `open_store(settings)` picks one.
 
-Holds the served-request log (to join feedback to what was served), the deduplicated
-feedback log, and from it each user's real-time history.
+What it holds:
+- the served-request log (with a TTL), to join feedback to what was served: the user, the
+  items, the fusion parameters, and the tuner round and bucket the request was served in;
+- the deduplicated feedback log (key: request_id, item_id, type), and from it each user's
+  real-time history;
+- per tuner round and bucket, the reward statistics (impressions, Σ reward, Σ reward²),
+  updated in the same atomic write as the feedback that produced them, so an event counts
+  exactly once or not at all (a duplicate never counts twice, a crash never half-counts);
+- versioned JSON documents (fusion parameters per scene, tuner config + state) written with
+  compare-and-set, and a history of closed rounds and manual changes; `commit` writes
+  several documents and history entries in one atomic step, and refuses a second history
+  entry of kind "round" for the same (scene, round): a round is closed at most once;
+- named locks with an owner and an expiry (the tuner's round closing runs under one).
+
+Per-impression reward statistics. An impression is a (request_id, item_id) pair with any
+feedback event; its reward r is the weighted sum of its events (fusion/reward.py). Events of
+one impression may arrive in several calls, so the store keeps each impression's running r
+and updates the bucket's Σr² by (r + Δ)² − r²: the statistics are exact whatever the order
+or batching of the events.
 """
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -23,6 +45,8 @@ class ServedRequest:
     params: dict
     items: list[str]
     ts: float
+    round_id: int = -1  # tuner round the request was served in (-1: no tuner round)
+    scene: str = "home"
 
 
 @dataclass(frozen=True)
@@ -33,12 +57,86 @@ class FeedbackEvent:
     ts: float
 
 
+@dataclass(frozen=True)
+class Tally:
+    """Where a feedback call's rewards count: the tuner round and bucket its request was
+    served in, and one reward per event (aligned with the events)."""
+
+    scene: str
+    round_id: int
+    bucket: str
+    rewards: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class BucketStats:
+    n: int = 0  # impressions
+    sum: float = 0.0  # Σ reward over impressions
+    sumsq: float = 0.0  # Σ reward²
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.n if self.n else 0.0
+
+    @property
+    def var(self) -> float:
+        if self.n < 2:
+            return 0.0
+        return max(0.0, (self.sumsq - self.sum * self.sum / self.n) / (self.n - 1))
+
+    @property
+    def se(self) -> float:
+        return math.sqrt(self.var / self.n) if self.n else float("inf")
+
+    def __add__(self, other: "BucketStats") -> "BucketStats":
+        return BucketStats(self.n + other.n, self.sum + other.sum, self.sumsq + other.sumsq)
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "sum": self.sum, "sumsq": self.sumsq, "mean": self.mean, "se": None if self.n == 0 else self.se}
+
+
+@dataclass(frozen=True)
+class Doc:
+    version: int  # >= 1; bumped by every write
+    value: dict
+
+
+@dataclass(frozen=True)
+class DocWrite:
+    key: str
+    value: dict
+    expect: int | None = None  # None: unconditional; 0: must not exist; k: current version must be k
+
+
 class Store(Protocol):
+    # served log, feedback, real-time history
     def log_served(self, served: ServedRequest) -> None: ...
     def get_served(self, request_id: str) -> ServedRequest | None: ...
-    def add_feedback(self, request_id: str, user_id: str, events: list[FeedbackEvent]) -> int: ...
+    def add_feedback(self, request_id: str, user_id: str, events: list[FeedbackEvent], tally: Tally | None = None) -> int: ...
     def user_events(self, user_id: str, limit: int) -> list[tuple[str, str, float]]: ...
+    def feedback_count(self) -> int: ...
+    # tuner statistics, documents, history, locks
+    def bucket_stats(self, scene: str, round_id: int) -> dict[str, BucketStats]: ...
+    def get_doc(self, key: str) -> Doc | None: ...
+    def commit(self, writes: list[DocWrite], history: list[dict] | None = None) -> bool: ...
+    def history(self, scene: str, limit: int = 100, before: int | None = None, kind: str | None = None) -> list[dict]: ...
+    def acquire_lock(self, name: str, owner: str, ttl_s: float) -> bool: ...
+    def release_lock(self, name: str, owner: str) -> None: ...
     def close(self) -> None: ...
+
+
+def open_store(settings: "Settings") -> Store:
+    """Redis when `redis_url` is set, else SQLite at `db_path`."""
+    if settings.redis_url:
+        from core.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, served_ttl_s=settings.served_log_ttl_s)
+    return SQLiteStore(settings.db_path, settings.served_log_ttl_s)
+
+
+def history_entry(scene: str, kind: str, round_id: int | None, data: dict, ts: float | None = None) -> dict:
+    """A history entry as stored: data plus scene, kind, round, ts (the store adds seq)."""
+    return {**data, "scene": scene, "kind": kind, "round": round_id, "ts": time.time() if ts is None else ts}
 
 
 _SCHEMA = """
@@ -51,12 +149,29 @@ CREATE TABLE IF NOT EXISTS feedback (
   value REAL, ts REAL NOT NULL, received REAL NOT NULL,
   PRIMARY KEY (request_id, item_id, type));
 CREATE INDEX IF NOT EXISTS feedback_user ON feedback(user_id, ts);
+CREATE TABLE IF NOT EXISTS impression (
+  request_id TEXT NOT NULL, item_id TEXT NOT NULL, reward REAL NOT NULL, ts REAL NOT NULL,
+  PRIMARY KEY (request_id, item_id));
+CREATE INDEX IF NOT EXISTS impression_ts ON impression(ts);
+CREATE TABLE IF NOT EXISTS bucket_stats (
+  scene TEXT NOT NULL, round INTEGER NOT NULL, bucket TEXT NOT NULL,
+  n INTEGER NOT NULL, sum REAL NOT NULL, sumsq REAL NOT NULL,
+  PRIMARY KEY (scene, round, bucket));
+CREATE TABLE IF NOT EXISTS docs (
+  key TEXT PRIMARY KEY, version INTEGER NOT NULL, value TEXT NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS history (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, scene TEXT NOT NULL, kind TEXT NOT NULL,
+  round INTEGER, ts REAL NOT NULL, data TEXT NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS history_round_once ON history(scene, round) WHERE kind = 'round';
+CREATE TABLE IF NOT EXISTS locks (
+  name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL);
 """
 
 
 class SQLiteStore:
     """One connection guarded by a lock; feedback commits with synchronous=FULL so an
-    acknowledged event survives a crash."""
+    acknowledged event survives a crash. Several processes may share the file (WAL; writers
+    serialise on BEGIN IMMEDIATE)."""
 
     def __init__(self, path: Path | str, served_ttl_s: float = 7 * 24 * 3600.0):
         self.path = Path(path)
@@ -68,7 +183,20 @@ class SQLiteStore:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._conn.execute(stmt)
+                cols = {r[1] for r in self._conn.execute("PRAGMA table_info(served)")}
+                if "round" not in cols:  # state files from before the tuner
+                    self._conn.execute("ALTER TABLE served ADD COLUMN round INTEGER NOT NULL DEFAULT -1")
+                if "scene" not in cols:
+                    self._conn.execute("ALTER TABLE served ADD COLUMN scene TEXT NOT NULL DEFAULT 'home'")
+                self._conn.execute("COMMIT")
+            except Exception:
+                self._conn.execute("ROLLBACK")
+                raise
         # The served log rides on its own connection without fsync per commit (WAL +
         # synchronous=NORMAL survives a process crash); feedback keeps FULL.
         if str(path) == ":memory:":
@@ -79,38 +207,74 @@ class SQLiteStore:
             self._log_lock = threading.Lock()
         self._last_purge = 0.0
 
+    # ------------------------------------------------------------------ served log
+
     def log_served(self, served: ServedRequest) -> None:
         with self._log_lock:
             self._log_conn.execute(
-                "INSERT OR REPLACE INTO served VALUES (?,?,?,?,?,?)",
-                (served.request_id, served.user_id, served.bucket, json.dumps(served.params), json.dumps(served.items), served.ts),
+                "INSERT OR REPLACE INTO served (request_id, user_id, bucket, params, items, ts, round, scene) VALUES (?,?,?,?,?,?,?,?)",
+                (served.request_id, served.user_id, served.bucket, json.dumps(served.params), json.dumps(served.items),
+                 served.ts, int(served.round_id), served.scene),
             )
             if served.ts - self._last_purge > 600:  # TTL purge, at most every 10 minutes
-                self._log_conn.execute("DELETE FROM served WHERE ts < ?", (served.ts - self.served_ttl_s,))
+                cutoff = served.ts - self.served_ttl_s
+                self._log_conn.execute("DELETE FROM served WHERE ts < ?", (cutoff,))
+                self._log_conn.execute("DELETE FROM impression WHERE ts < ?", (cutoff,))
                 self._last_purge = served.ts
 
     def get_served(self, request_id: str) -> ServedRequest | None:
         with self._log_lock:
-            row = self._log_conn.execute("SELECT * FROM served WHERE request_id = ?", (request_id,)).fetchone()
-        if row is None:
+            row = self._log_conn.execute(
+                "SELECT request_id, user_id, bucket, params, items, ts, round, scene FROM served WHERE request_id = ?", (request_id,)
+            ).fetchone()
+        if row is None or row[5] < time.time() - self.served_ttl_s:
             return None
-        return ServedRequest(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5])
+        return ServedRequest(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], int(row[6]), row[7])
 
-    def add_feedback(self, request_id: str, user_id: str, events: list[FeedbackEvent]) -> int:
+    # ------------------------------------------------------------------ feedback
+
+    def add_feedback(self, request_id: str, user_id: str, events: list[FeedbackEvent], tally: Tally | None = None) -> int:
         """Insert events, ignoring duplicates of (request_id, item_id, type). Returns how many
-        were new. Committed (fsynced) before returning."""
+        were new. With a tally, the new events' rewards are added to the bucket statistics in
+        the same transaction. Committed (fsynced) before returning."""
         now = time.time()
-        rows = [(request_id, user_id, e.item_id, e.type, e.value, e.ts, now) for e in events]
+        if tally is not None and len(tally.rewards) != len(events):
+            raise ValueError("tally.rewards must align with events")
         with self._lock:
-            before = self._conn.total_changes
-            self._conn.execute("BEGIN IMMEDIATE")
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.executemany("INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?,?)", rows)
-                self._conn.execute("COMMIT")
+                new = 0
+                delta: dict[str, float] = {}
+                for k, e in enumerate(events):
+                    cur = c.execute(
+                        "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?,?)",
+                        (request_id, user_id, e.item_id, e.type, e.value, e.ts, now),
+                    )
+                    if cur.rowcount == 1:
+                        new += 1
+                        if tally is not None:
+                            delta[e.item_id] = delta.get(e.item_id, 0.0) + float(tally.rewards[k])
+                if delta:
+                    dn, ds, dss = 0, 0.0, 0.0
+                    for item, d in delta.items():
+                        row = c.execute("SELECT reward FROM impression WHERE request_id = ? AND item_id = ?", (request_id, item)).fetchone()
+                        old = None if row is None else float(row[0])
+                        r = (old or 0.0) + d
+                        c.execute("INSERT OR REPLACE INTO impression VALUES (?,?,?,?)", (request_id, item, r, now))
+                        dn += old is None
+                        ds += d
+                        dss += r * r - (old or 0.0) ** 2
+                    c.execute(
+                        "INSERT INTO bucket_stats VALUES (?,?,?,?,?,?) ON CONFLICT(scene, round, bucket) DO UPDATE SET "
+                        "n = n + excluded.n, sum = sum + excluded.sum, sumsq = sumsq + excluded.sumsq",
+                        (tally.scene, int(tally.round_id), tally.bucket, dn, ds, dss),
+                    )
+                c.execute("COMMIT")
             except Exception:
-                self._conn.execute("ROLLBACK")
+                c.execute("ROLLBACK")
                 raise
-            return self._conn.total_changes - before
+            return new
 
     def user_events(self, user_id: str, limit: int) -> list[tuple[str, str, float]]:
         with self._lock:
@@ -123,6 +287,92 @@ class SQLiteStore:
     def feedback_count(self) -> int:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0])
+
+    # ------------------------------------------------------------------ tuner state
+
+    def bucket_stats(self, scene: str, round_id: int) -> dict[str, BucketStats]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT bucket, n, sum, sumsq FROM bucket_stats WHERE scene = ? AND round = ?", (scene, int(round_id))
+            ).fetchall()
+        return {r[0]: BucketStats(int(r[1]), float(r[2]), float(r[3])) for r in rows}
+
+    def get_doc(self, key: str) -> Doc | None:
+        with self._lock:
+            row = self._conn.execute("SELECT version, value FROM docs WHERE key = ?", (key,)).fetchone()
+        return None if row is None else Doc(int(row[0]), json.loads(row[1]))
+
+    def commit(self, writes: list[DocWrite], history: list[dict] | None = None) -> bool:
+        """All or nothing: every write's version expectation holds and no "round" history
+        entry repeats a (scene, round) already recorded, or nothing is written (False)."""
+        now = time.time()
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for w in writes:
+                    if w.expect is None:
+                        continue
+                    row = c.execute("SELECT version FROM docs WHERE key = ?", (w.key,)).fetchone()
+                    if (0 if row is None else int(row[0])) != w.expect:
+                        c.execute("ROLLBACK")
+                        return False
+                for w in writes:
+                    c.execute(
+                        "INSERT INTO docs VALUES (?, 1, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                        "version = version + 1, value = excluded.value, updated = excluded.updated",
+                        (w.key, json.dumps(w.value), now),
+                    )
+                for h in history or []:
+                    c.execute(
+                        "INSERT INTO history (scene, kind, round, ts, data) VALUES (?,?,?,?,?)",
+                        (h["scene"], h["kind"], h.get("round"), float(h.get("ts", now)), json.dumps(h)),
+                    )
+                c.execute("COMMIT")
+                return True
+            except sqlite3.IntegrityError:  # a second close of the same round
+                c.execute("ROLLBACK")
+                return False
+            except Exception:
+                c.execute("ROLLBACK")
+                raise
+
+    def history(self, scene: str, limit: int = 100, before: int | None = None, kind: str | None = None) -> list[dict]:
+        """Newest first; `before`: only entries with seq < before."""
+        q = "SELECT seq, data FROM history WHERE scene = ?"
+        args: list = [scene]
+        if before is not None:
+            q += " AND seq < ?"
+            args.append(int(before))
+        if kind is not None:
+            q += " AND kind = ?"
+            args.append(kind)
+        q += " ORDER BY seq DESC LIMIT ?"
+        args.append(int(limit))
+        with self._lock:
+            rows = self._conn.execute(q, args).fetchall()
+        return [{**json.loads(d), "seq": int(s)} for s, d in rows]
+
+    def acquire_lock(self, name: str, owner: str, ttl_s: float) -> bool:
+        now = time.time()
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                cur = c.execute(
+                    "INSERT INTO locks VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET owner = excluded.owner, "
+                    "expires = excluded.expires WHERE locks.expires < ? OR locks.owner = excluded.owner",
+                    (name, owner, now + ttl_s, now),
+                )
+                c.execute("COMMIT")
+                return cur.rowcount == 1
+            except Exception:
+                c.execute("ROLLBACK")
+                raise
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
 
     def close(self) -> None:
         with self._lock:

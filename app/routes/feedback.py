@@ -16,7 +16,8 @@ router = APIRouter(tags=["feedback"])
 @router.post("/v1/feedback", status_code=202, response_model=FeedbackResponse)
 async def feedback(req: FeedbackRequest, state: StateDep) -> FeedbackResponse:
     """Events are durable once this returns 202, deduplicated by (request_id, item_id, type),
-    and must refer to a served request of the same user and to items that request returned."""
+    and must refer to a served request of the same user and to items that request returned.
+    For requests served inside a tuner round they also count toward that round's bucket."""
     served = await run_in_threadpool(state.store.get_served, req.request_id)
     if served is None:
         raise FieldError(("body", "request_id"), "unknown request_id (not served, or expired from the served log)")
@@ -28,7 +29,10 @@ async def feedback(req: FeedbackRequest, state: StateDep) -> FeedbackResponse:
             raise FieldError(("body", "events", k, "item_id"), f"item {e.item_id!r} was not in the served list of this request")
     now = time.time()
     events = [FeedbackEvent(e.item_id, e.type, e.value, e.ts if e.ts is not None else now) for e in req.events]
-    inserted = await run_in_threadpool(state.store.add_feedback, req.request_id, req.user_id, events)
+    # Joined to the served request's tuner round and bucket: the new events' rewards enter the
+    # bucket's statistics in the same atomic write as the events (a duplicate counts once).
+    tally = await run_in_threadpool(state.fusion.tally, served, events)
+    inserted = await run_in_threadpool(state.store.add_feedback, req.request_id, req.user_id, events, tally)
     for e in req.events:
         state.metrics.feedback_events.labels(e.type).inc()
     return FeedbackResponse(accepted=inserted, duplicates=len(events) - inserted)

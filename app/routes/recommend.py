@@ -17,6 +17,8 @@ async def recommend(req: RecommendRequest, state: StateDep, pipeline: PipelineDe
     t0 = time.perf_counter()
     request_id = uuid.uuid4().hex
     events = state.store.user_events(req.user_id, state.settings.history_limit)
+    # The tuner's bucket for this user and round (or "main") and the fusion parameters it serves.
+    assigned = state.fusion.assign(req.user_id, req.scene)
     ctx = pipeline.context(
         request_id=request_id,
         user_id=req.user_id,
@@ -25,12 +27,14 @@ async def recommend(req: RecommendRequest, state: StateDep, pipeline: PipelineDe
         exclude_item_ids=req.exclude_item_ids,
         events=events,
         debug=req.debug,
-        fusion=pipeline.fusion_params,
+        fusion=assigned.params,
+        bucket=assigned.bucket,
     )
     cands, trace = pipeline.run(ctx)
     items = pipeline.describe(cands)
     state.store.log_served(
-        ServedRequest(request_id, req.user_id, ctx.bucket, {k: list(v) for k, v in ctx.fusion.items()}, [i["item_id"] for i in items], ctx.now)
+        ServedRequest(request_id, req.user_id, ctx.bucket, {k: list(v) for k, v in ctx.fusion.items()}, [i["item_id"] for i in items],
+                      ctx.now, round_id=assigned.round_id, scene=req.scene)
     )
     elapsed = time.perf_counter() - t0
     state.metrics.request_seconds.labels("recommend").observe(elapsed)
