@@ -142,7 +142,7 @@ def build_bundle(
     ds: Dataset, source: dict, out: Path, *, epochs_tt: int = 8, epochs_rank: int = 6, n_neg: int = 2, n_hard: int = 4,
     seed: int = 0, version: str | None = None, ann_k: int = 400, itemcf: str = "swing",
     max_rank_rows: int = 3_000_000, max_eval_rows: int = 500_000, max_tt_rows: int = 5_000_000,
-    hist_grad: bool | None = None,
+    hist_grad: bool | None = None, calibrate: bool | None = None,
 ) -> dict:
     import torch
 
@@ -161,6 +161,24 @@ def build_bundle(
     train = ~ds.test
     train_pos = train & ds.positive
     metrics: dict = {}
+    merge_calibration = None
+    if calibrate is None:
+        # A second build on the training split minus a validation slice: affordable up to
+        # ~200k items (doubles the build time); larger catalogs merge by rank/quota.
+        calibrate = ds.n_items <= 200_000
+    if calibrate:
+        from retrieval.calibrate import calibrate_merge, validation_split
+
+        ds_val = validation_split(ds)
+        calib_dir = out.with_name(out.name + ".calib")
+        console.print("merge calibration: building on the training split minus a validation slice")
+        build_bundle(
+            ds_val, source, calib_dir, epochs_tt=epochs_tt, epochs_rank=epochs_rank, n_neg=n_neg, n_hard=n_hard, seed=seed,
+            ann_k=ann_k, itemcf=itemcf, max_rank_rows=max_rank_rows, max_eval_rows=max_eval_rows, max_tt_rows=max_tt_rows,
+            hist_grad=hist_grad, calibrate=False,
+        )
+        merge_calibration = calibrate_merge(calib_dir, ds_val, seed=seed)
+        shutil.rmtree(calib_dir, ignore_errors=True)
     if hist_grad is None:
         # History gradients help (ml-100k: pipeline recall@20 0.157 vs 0.141, click AUC 0.803 vs
         # 0.786) but touch batch × history rows of the item table per step; above 200k items
@@ -274,7 +292,7 @@ def build_bundle(
     metrics["build_seconds"] = round(time.time() - t_start, 1)
     manifest = write_manifest(
         tmp, version=version, schema=s, models={"user_tower": ut_sig, "ranker": rk_sig}, ann=ann_params,
-        metrics=metrics, extra={"source": source, "counts": {"users": ds.n_users, "items": ds.n_items, "events": int(len(ds.ev_user)), "train_events": int(train.sum()), "test_events": int(ds.test.sum())}},
+        metrics=metrics, extra={"merge_calibration": merge_calibration, "source": source, "counts": {"users": ds.n_users, "items": ds.n_items, "events": int(len(ds.ev_user)), "train_events": int(train.sum()), "test_events": int(ds.test.sum())}},
     )
     if out.exists():
         shutil.rmtree(out)

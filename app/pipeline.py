@@ -87,7 +87,10 @@ class Pipeline:
         self.fusion_params = default_params(schema, s.fusion)
         self.stages: list[Stage] = [
             UserQueryStage(bundle.user_tower, schema.history_len),
-            RecallMerge(sources, s.quotas(), s.recall_total, on_error=on_error, multi_hit=s.merge_multi_hit),
+            RecallMerge(
+                sources, s.quotas(), s.recall_total, on_error=on_error, multi_hit=s.merge_multi_hit,
+                calibration=bundle.manifest.get("merge_calibration") if s.merge_mode == "calibrated" else None,
+            ),
             TwoTowerPrerank(bundle.item_emb, s.prerank_a_keep),
             MultiTaskRankerStage(bundle.ranker, table, schema.history_len, len(schema.tasks)),
             MultiplicativeFusion(schema, self.fusion_params),
