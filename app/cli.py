@@ -160,6 +160,36 @@ def bench_cmd(
     c.print(f"peak RSS {report['peak_rss_mb']} MB, bundle {report['bundle_bytes'] / 1e6:.1f} MB, load {report['bundle_load_s']} s")
 
 
+@app.command("loadtest")
+def loadtest_cmd(
+    bundle: Annotated[Path, typer.Option(help="bundle the server loads (synthetic: feedback from its world)")] = Path("bundles/current"),
+    out: Annotated[Path, typer.Option(help="directory for locust CSV stats and summary.json")] = Path("loadtest-out"),
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 2,
+    users: Annotated[int, typer.Option(help="concurrent locust users")] = 100,
+    spawn_rate: Annotated[float, typer.Option(help="users started per second")] = 50.0,
+    duration: Annotated[float, typer.Option(help="seconds of load per run (or per step)")] = 60.0,
+    think_min: Annotated[float, typer.Option(help="think time lower bound, s")] = 0.5,
+    think_max: Annotated[float, typer.Option(help="think time upper bound, s")] = 1.5,
+    feedback: Annotated[float, typer.Option(help="share of feeds answered with feedback")] = 1.0,
+    step_users: Annotated[Optional[str], typer.Option(help="step-load mode: comma-separated user counts, e.g. 50,100,200,300")] = None,
+    p99_ms: Annotated[float, typer.Option(help="step-load bound on recommend p99")] = 50.0,
+    redis: Annotated[bool, typer.Option("--redis/--sqlite", help="state in a throwaway local redis-server instead of SQLite")] = False,
+    warmup: Annotated[float, typer.Option(help="untimed locust warm-up before the measured run, s")] = 10.0,
+) -> None:
+    """Start the server on 127.0.0.1 with W workers, run locust headless for a bounded time, write CSV + summary.json."""
+    from loadtest.run import run_loadtest
+
+    steps = [int(x) for x in step_users.split(",")] if step_users else None
+    summary = run_loadtest(bundle, out, workers=workers, users=users, spawn_rate=spawn_rate, duration=duration, think_min=think_min,
+                           think_max=think_max, feedback=feedback, step_users=steps, p99_ms=p99_ms, redis=redis,
+                           warmup=warmup, show=lambda m: typer.echo(m, err=True))
+    brief = {k: summary.get(k) for k in ("workers", "users", "items", "rps", "recommend_rps", "error_rate", "max_rps_p99_ok")}
+    brief["endpoints"] = {k: {m: v.get(m) for m in ("rps", "p50_ms", "p95_ms", "p99_ms", "failures")} for k, v in summary.get("endpoints", {}).items()}
+    brief["server_pss_mb"] = summary.get("server_memory_mb", {}).get("pss")
+    typer.echo(json.dumps(brief, indent=2))
+    typer.echo(f"wrote {out / 'summary.json'}", err=True)
+
+
 @app.command("rerank-sim")
 def rerank_sim(
     bundle: Annotated[Optional[Path], typer.Option(help="synthetic bundle to serve (default: build/reuse bundles/rerank-sim-<items>-s<seed>-f<fatigue>)")] = None,

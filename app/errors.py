@@ -18,6 +18,17 @@ def _loc_str(loc) -> str:
     return out
 
 
+def _count(request: Request, status: int, kind: str) -> None:
+    """funnel_requests_total{endpoint, status} and funnel_errors_total{kind}."""
+    state = getattr(request.app.state, "funnel", None)
+    if state is None:
+        return
+    route = request.scope.get("route")
+    endpoint = getattr(route, "name", None) or request.url.path
+    state.metrics.requests.labels(endpoint, str(status)).inc()
+    state.metrics.errors.labels(kind).inc()
+
+
 def _body(errors: list[dict]) -> dict:
     detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
     return {"detail": detail, "message": "; ".join(f"{_loc_str(e['loc'])}: {e['msg']}" for e in detail)}
@@ -32,8 +43,10 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
             loc, msg = ("body",), f"malformed JSON ({e.get('ctx', {}).get('error', 'decode error')})"
             status = 400
         errors.append({"loc": loc, "msg": msg, "type": e.get("type", "value_error")})
+    _count(request, status, "malformed_json" if status == 400 else "validation")
     return JSONResponse(_body(errors), status_code=status)
 
 
 async def field_error_handler(request: Request, exc: FieldError) -> JSONResponse:
+    _count(request, exc.status, exc.type)
     return JSONResponse(_body([{"loc": exc.loc, "msg": exc.msg, "type": exc.type}]), status_code=exc.status)

@@ -137,7 +137,7 @@ class Pipeline:
         else:
             fields = np.zeros(len(b.schema.user_fields), np.int64)
             base_items, base_ts = np.zeros(0, np.int64), np.zeros(0, np.float64)
-        rt_items = np.array([b.item_index.get(i, -1) for i, _, _ in events], np.int64)
+        rt_items = b.item_index.lookup([i for i, _, _ in events])
         rt_pos = np.array([t in POSITIVE_EVENTS for _, t, _ in events], bool)
         rt_ts = np.array([ts for _, _, ts in events], np.float64)
         known_rt = rt_items >= 0
@@ -149,7 +149,7 @@ class Pipeline:
         first.sort()
         hist, hts = hist[first], hts[first]
         seen = np.unique(np.concatenate([base_items, rt_items[known_rt]]))
-        ex = np.array([b.item_index.get(i, -1) for i in exclude_item_ids], np.int64)
+        ex = b.item_index.lookup(exclude_item_ids)
         exclude = np.unique(ex[ex >= 0])
         return RequestContext(
             request_id=request_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from app.metrics import Metrics
@@ -29,8 +30,15 @@ class AppState:
     fusion: FusionService | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _poller: asyncio.Task | None = None
+    # The one thread per worker that runs pipelines (numpy, faiss and onnxruntime release the
+    # GIL there, so the event loop keeps parsing and answering other requests meanwhile).
+    compute: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
+        if self.compute is None:
+            # OpenMP's thread count is per calling thread: set faiss's in the compute thread itself.
+            self.compute = ThreadPoolExecutor(1, thread_name_prefix="funnel-compute", initializer=_set_faiss_threads,
+                                              initargs=(self.settings.compute_threads,))
         if self.fusion is None:
             s = self.settings
             self.fusion = FusionService(
@@ -40,13 +48,14 @@ class AppState:
                 initial_config=TunerConfig.model_validate(s.tuner),
                 cache_seconds=s.fusion_cache_seconds,
             )
+        self.metrics.tuner.fusion = self.fusion
 
     def load_bundle(self) -> None:
         """Load and validate the configured bundle; on failure keep the error for /readyz."""
         s = self.settings
         try:
             _set_faiss_threads(s.compute_threads)
-            bundle = Bundle.load(s.bundle, threads=s.compute_threads)
+            bundle = Bundle.load(s.bundle, threads=s.compute_threads, model_cache_dir=s.model_cache())
         except BundleError as e:
             self.load_error = str(e)
             log.error("bundle not loaded: %s", e)
@@ -58,15 +67,19 @@ class AppState:
             bundle,
             self.settings,
             observe=lambda stage, sec: self.metrics.stage_seconds.labels(stage).observe(sec),
-            on_error=lambda source, exc: self.metrics.recall_errors.labels(source).inc(),
+            on_error=self._recall_error,
         )
         self.fusion.bind(bundle.schema, pipeline.fusion_params)
         with self._lock:
             self.pipeline = pipeline
             self.load_error = None
-        self.metrics.bundle_info.labels(bundle.version, bundle.schema.dataset).set(1)
+        self.metrics.set_bundle(bundle.version, bundle.schema.dataset, bundle.n_items)
         self.metrics.ready.set(1)
         log.info("serving bundle %s (%s, %d items)", bundle.version, bundle.schema.dataset, bundle.n_items)
+
+    def _recall_error(self, source: str, exc: Exception) -> None:
+        self.metrics.recall_errors.labels(source).inc()
+        self.metrics.errors.labels(f"recall_{source}").inc()
 
     # --- the tuner's round-closing poller: every worker checks; the store's lock lets one close
 

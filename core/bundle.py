@@ -135,6 +135,129 @@ def onnx_session(path: Path, threads: int = 1):
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def cached_onnx_session(path: Path, sha256: str, cache_dir: Path | None, threads: int = 1):
+    """An onnxruntime session whose large initializers (id embedding tables, weights) are
+    memory-mapped from a file instead of copied onto the heap, so several worker processes
+    share one copy in the page cache. The model is re-saved once by onnxruntime itself with
+    its initializers in an external data file (`<cache_dir>/<sha>-ort<version>/<name>.onnx`
+    + `.data`), keyed by the bundle file's checksum; onnxruntime maps page-aligned external
+    data. Without a cache dir (or if the cache cannot be written) the bundle file is loaded as is."""
+    import onnxruntime as ort
+
+    if cache_dir is None:
+        return onnx_session(path, threads)
+    final = Path(cache_dir) / f"{sha256[:24]}-ort{ort.__version__}"
+    model = final / path.name
+    if not model.exists():
+        tmp = Path(cache_dir) / f".{final.name}.{os.getpid()}.tmp"
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            so.log_severity_level = 3
+            so.optimized_model_filepath = str(tmp / path.name)
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", path.stem + ".data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(1 << 16))
+            ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+            try:
+                os.rename(tmp, final)  # atomic; another worker may have won the race
+            except OSError:
+                if not model.exists():
+                    raise
+        except OSError:
+            return onnx_session(path, threads)
+        finally:
+            if tmp.exists():
+                for f in tmp.iterdir():
+                    f.unlink()
+                tmp.rmdir()
+    return onnx_session(model, threads)
+
+
+def load_npz(path: Path, mmap: bool = True) -> dict[str, np.ndarray]:
+    """The arrays of an .npz. Members stored uncompressed (np.savez) are memory-mapped
+    read-only straight from the zip (page-cache pages shared by every process that maps
+    the file); compressed members are read into memory."""
+    import struct
+    import zipfile
+
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+    rest = []
+    with open(path, "rb") as f:
+        for info in infos:
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if not mmap or info.compress_type != zipfile.ZIP_STORED:
+                rest.append(key)
+                continue
+            f.seek(info.header_offset)
+            head = f.read(30)
+            if head[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: bad zip local header for {info.filename}")
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            if dtype.hasobject:
+                raise ValueError(f"{path}: {key} holds Python objects")
+            n = int(np.prod(shape, dtype=np.int64))
+            if n == 0:
+                out[key] = np.zeros(shape, dtype)
+                continue
+            mm = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order="F" if fortran else "C")
+            out[key] = np.asarray(mm)  # a plain ndarray view; the mapping lives as long as it does
+    if rest:
+        with np.load(path, allow_pickle=False) as z:
+            out.update({k: z[k] for k in rest})
+    return out
+
+
+class IdIndex:
+    """External id (str) → row index, over a sorted copy of the ids (no per-id Python
+    objects: a dict of 1M strings costs ~150 MB in every worker). `lookup` is vectorised."""
+
+    def __init__(self, ids: np.ndarray):
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "US":
+            ids = ids.astype(str)
+        if len(ids) > 1 and bool(np.all(ids[1:] > ids[:-1])):
+            self.order, self.sorted = None, ids
+        else:
+            self.order = np.argsort(ids, kind="stable")
+            self.sorted = ids[self.order]
+
+    def __len__(self) -> int:
+        return len(self.sorted)
+
+    def lookup(self, keys) -> np.ndarray:
+        """int64 row index per key, -1 where unknown."""
+        k = np.asarray(list(keys) if not isinstance(keys, np.ndarray) else keys, dtype=str)
+        if k.size == 0 or len(self.sorted) == 0:
+            return np.full(k.shape, -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted, k), len(self.sorted) - 1)
+        hit = self.sorted[pos] == k
+        rows = pos if self.order is None else self.order[pos]
+        return np.where(hit, rows, -1).astype(np.int64)
+
+    def get(self, key: str, default=None):
+        r = int(self.lookup([str(key)])[0])
+        return default if r < 0 else r
+
+    def __getitem__(self, key: str) -> int:
+        r = self.get(key)
+        if r is None:
+            raise KeyError(key)
+        return r
+
+    def __contains__(self, key) -> bool:
+        return self.get(key) is not None
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -164,8 +287,8 @@ class Bundle:
     user_tower: Any
     ranker: Any
     follow: dict[str, np.ndarray] | None = None  # user→authors and author→newest items (CSR), if the dataset has authors
-    user_index: dict[str, int] = field(default_factory=dict)
-    item_index: dict[str, int] = field(default_factory=dict)
+    user_index: IdIndex | None = None  # external id -> row (get / lookup / [] / in)
+    item_index: IdIndex | None = None
 
     @property
     def version(self) -> str:
@@ -184,7 +307,11 @@ class Bundle:
         return self.hist_items[s:e], self.hist_ts[s:e]
 
     @classmethod
-    def load(cls, path: Path | str, threads: int = 1, verify_checksums: bool = True) -> "Bundle":
+    def load(cls, path: Path | str, threads: int = 1, verify_checksums: bool = True, mmap: bool = True,
+             model_cache_dir: Path | str | None = None) -> "Bundle":
+        """Arrays are memory-mapped read-only (`mmap`), the faiss index's codes too where the
+        index type allows; ONNX initializers are memory-mapped through `model_cache_dir`
+        (see `cached_onnx_session`). Several workers then share one copy of the bundle."""
         import faiss
 
         path = Path(path)
@@ -200,14 +327,15 @@ class Bundle:
             raise BundleError(f"{path}: manifest schema is malformed ({e})") from e
 
         try:
-            items = dict(np.load(path / "items.npz", allow_pickle=False))
-            users = dict(np.load(path / "users.npz", allow_pickle=False))
-            itemcf = dict(np.load(path / "itemcf.npz", allow_pickle=False))
-            graph = dict(np.load(path / "graph.npz", allow_pickle=False))
-            item_emb = np.load(path / "item_emb.npy", mmap_mode="r")
+            mode = "r" if mmap else None
+            items = load_npz(path / "items.npz", mmap)
+            users = load_npz(path / "users.npz", mmap)
+            itemcf = load_npz(path / "itemcf.npz", mmap)
+            graph = load_npz(path / "graph.npz", mmap)
+            item_emb = np.asarray(np.load(path / "item_emb.npy", mmap_mode=mode, allow_pickle=False))
             popular = np.load(path / "popular.npy", allow_pickle=False)
             fresh = np.load(path / "fresh.npy", allow_pickle=False)
-            follow = dict(np.load(path / "follow.npz", allow_pickle=False)) if "follow.npz" in manifest["files"] else None
+            follow = load_npz(path / "follow.npz", mmap) if "follow.npz" in manifest["files"] else None
         except (OSError, ValueError, KeyError) as e:
             raise BundleError(f"{path}: unreadable array file ({e})") from e
 
@@ -227,7 +355,15 @@ class Bundle:
             _expect(len(follow["user_indptr"]) == n_users + 1, "follow.npz user_indptr length is not n_users + 1")
             _expect(follow["author_items"].size == 0 or follow["author_items"].max() < n_items, "follow.npz holds item indices outside the catalog")
         try:
-            index = faiss.read_index(str(path / "ann.faiss"))
+            # IO_FLAG_MMAP_IFC maps the stored codes in place (same search speed as a heap copy);
+            # plain IO_FLAG_MMAP switches IVF lists to OnDiskInvertedLists, ~4x slower per query.
+            flag = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) if mmap else 0
+            try:
+                index = faiss.read_index(str(path / "ann.faiss"), flag)
+            except RuntimeError:
+                if not flag:
+                    raise
+                index = faiss.read_index(str(path / "ann.faiss"))
         except RuntimeError as e:
             raise BundleError(f"{path}: ann.faiss unreadable ({e})") from e
         _expect(index.ntotal == n_items, f"ann.faiss holds {index.ntotal} vectors, catalog has {n_items}")
@@ -242,7 +378,8 @@ class Bundle:
         sessions = {}
         for name in ("user_tower", "ranker"):
             try:
-                sess = onnx_session(path / f"{name}.onnx", threads)
+                sha = manifest["files"].get(f"{name}.onnx", {}).get("sha256", "")
+                sess = cached_onnx_session(path / f"{name}.onnx", sha, Path(model_cache_dir) if model_cache_dir and sha else None, threads)
             except Exception as e:  # onnxruntime raises its own exception types
                 raise BundleError(f"{path}: {name}.onnx unloadable ({e})") from e
             if name not in models:
@@ -269,7 +406,7 @@ class Bundle:
             hist_indptr=users["hist_indptr"],
             hist_items=users["hist_items"],
             hist_ts=users["hist_ts"],
-            item_emb=np.ascontiguousarray(item_emb),
+            item_emb=item_emb if item_emb.flags.c_contiguous else np.ascontiguousarray(item_emb),
             ann_index=index,
             itemcf_indptr=itemcf["indptr"],
             itemcf_indices=itemcf["indices"],
@@ -285,8 +422,8 @@ class Bundle:
             ranker=sessions["ranker"],
             follow=follow,
         )
-        b.user_index = {str(u): k for k, u in enumerate(b.user_ids.tolist())}
-        b.item_index = {str(i): k for k, i in enumerate(b.item_ids.tolist())}
+        b.user_index = IdIndex(b.user_ids)
+        b.item_index = IdIndex(b.item_ids)
         return b
 
 

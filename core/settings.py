@@ -95,8 +95,13 @@ class Settings(BaseSettings):
 
     # Runtime
     compute_threads: int = 1
+    # ONNX models re-saved with memory-mapped initializers (shared by workers); default: beside db_path
+    model_cache_dir: Path | None = None
     served_log_ttl_s: float = 7 * 24 * 3600.0
     history_limit: int = 200  # real-time history events read per request
+
+    def model_cache(self) -> Path:
+        return self.model_cache_dir if self.model_cache_dir is not None else Path(self.db_path).parent / "model-cache"
 
     def quotas(self) -> dict[str, int]:
         return {

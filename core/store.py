@@ -205,6 +205,14 @@ class SQLiteStore:
             self._log_conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
             self._log_conn.execute("PRAGMA synchronous=NORMAL")
             self._log_lock = threading.Lock()
+        # Reads on the request path (a user's recent events, a served request) ride on a third
+        # connection: under WAL a reader never waits for a writer, so a feed is not held up
+        # behind another request's feedback commit (fsync) or served-log insert.
+        if str(path) == ":memory:":
+            self._read_conn, self._read_lock = self._conn, self._lock
+        else:
+            self._read_conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
+            self._read_lock = threading.Lock()
         self._last_purge = 0.0
 
     # ------------------------------------------------------------------ served log
@@ -223,8 +231,8 @@ class SQLiteStore:
                 self._last_purge = served.ts
 
     def get_served(self, request_id: str) -> ServedRequest | None:
-        with self._log_lock:
-            row = self._log_conn.execute(
+        with self._read_lock:
+            row = self._read_conn.execute(
                 "SELECT request_id, user_id, bucket, params, items, ts, round, scene FROM served WHERE request_id = ?", (request_id,)
             ).fetchone()
         if row is None or row[5] < time.time() - self.served_ttl_s:
@@ -277,8 +285,8 @@ class SQLiteStore:
             return new
 
     def user_events(self, user_id: str, limit: int) -> list[tuple[str, str, float]]:
-        with self._lock:
-            rows = self._conn.execute(
+        with self._read_lock:
+            rows = self._read_conn.execute(
                 "SELECT item_id, type, ts FROM feedback WHERE user_id = ? ORDER BY ts DESC, received DESC LIMIT ?",
                 (user_id, limit),
             ).fetchall()
@@ -380,3 +388,6 @@ class SQLiteStore:
         if self._log_conn is not self._conn:
             with self._log_lock:
                 self._log_conn.close()
+        if self._read_conn is not self._conn:
+            with self._read_lock:
+                self._read_conn.close()

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
 
 from app.deps import StateDep
 from app.errors import FieldError
@@ -18,7 +18,19 @@ async def feedback(req: FeedbackRequest, state: StateDep) -> FeedbackResponse:
     """Events are durable once this returns 202, deduplicated by (request_id, item_id, type),
     and must refer to a served request of the same user and to items that request returned.
     For requests served inside a tuner round they also count toward that round's bucket."""
-    served = await run_in_threadpool(state.store.get_served, req.request_id)
+    t0 = time.perf_counter()
+    inserted, n = await asyncio.get_running_loop().run_in_executor(None, _store_feedback, state, req)
+    for e in req.events:
+        state.metrics.feedback_events.labels(e.type).inc()
+    state.metrics.request_seconds.labels("feedback").observe(time.perf_counter() - t0)
+    state.metrics.requests.labels("feedback", "202").inc()
+    return FeedbackResponse(accepted=inserted, duplicates=n - inserted)
+
+
+def _store_feedback(state, req: FeedbackRequest) -> tuple[int, int]:
+    """Validate against the served log and store, in one I/O thread hop (the SQLite commit
+    fsyncs; it must not stall the event loop)."""
+    served = state.store.get_served(req.request_id)
     if served is None:
         raise FieldError(("body", "request_id"), "unknown request_id (not served, or expired from the served log)")
     if served.user_id != req.user_id:
@@ -31,8 +43,5 @@ async def feedback(req: FeedbackRequest, state: StateDep) -> FeedbackResponse:
     events = [FeedbackEvent(e.item_id, e.type, e.value, e.ts if e.ts is not None else now) for e in req.events]
     # Joined to the served request's tuner round and bucket: the new events' rewards enter the
     # bucket's statistics in the same atomic write as the events (a duplicate counts once).
-    tally = await run_in_threadpool(state.fusion.tally, served, events)
-    inserted = await run_in_threadpool(state.store.add_feedback, req.request_id, req.user_id, events, tally)
-    for e in req.events:
-        state.metrics.feedback_events.labels(e.type).inc()
-    return FeedbackResponse(accepted=inserted, duplicates=len(events) - inserted)
+    tally = state.fusion.tally(served, events)
+    return state.store.add_feedback(req.request_id, req.user_id, events, tally), len(events)

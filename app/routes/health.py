@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,4 +25,6 @@ async def readyz(state: StateDep):
 
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Scrape-time collectors read the state store: off the event loop.
+    body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,286 @@
+"""`funnel loadtest`: start the server with W workers on 127.0.0.1, run locust headless for
+a bounded time against it, write locust's CSV stats and `summary.json`.
+
+summary.json:
+    {"workers", "users", "items", "bundle", "duration_s", "think_s", "feedback_share",
+     "endpoints": {"recommend": {"requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms",
+                                 "mean_ms", "max_ms"}, "feedback": {...}},
+     "rps", "recommend_rps", "error_rate", "errors", "server_memory_mb": {"rss", "pss", "uss",
+     "processes", "per_process"}, "loadavg_before", "loadavg_after", "locust_cpu_s", "server_cpu_s",
+     "steps": [...] (step mode), "max_rps_p99_ok" (step mode)}
+
+Step mode (`--step-users 20,40,80,...`): the server stays up; one locust run per user
+count, each `--duration` seconds; stops at the first step whose recommend p99 exceeds
+`--p99-ms` or that has errors; `max_rps_p99_ok` is the highest recommend rps of a step
+that stayed within bounds.
+
+Only 127.0.0.1 is ever targeted; every run is bounded by `--duration` (plus start-up).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    kids = [int(x) for x in out]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _smaps(pid: int) -> dict[str, int]:
+    kb = {}
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    except OSError:
+        return kb
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            kb[parts[0].rstrip(":")] = int(parts[1])
+    return kb
+
+
+def tree_memory_mb(root: int) -> dict:
+    """RSS / PSS / USS of a process and all its descendants (MB). PSS splits shared pages
+    (the memory-mapped bundle, shared libraries) among the processes mapping them, so the
+    PSS sum is the tree's real footprint; the RSS sum counts shared pages once per process."""
+    per = {}
+    tot = {"rss": 0.0, "pss": 0.0, "uss": 0.0}
+    for pid in [root, *_children(root)]:
+        kb = _smaps(pid)
+        if not kb:
+            continue
+        m = {"rss": kb.get("Rss", 0) / 1024, "pss": kb.get("Pss", 0) / 1024, "uss": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024}
+        per[pid] = {k: round(v, 1) for k, v in m.items()}
+        for k in tot:
+            tot[k] += m[k]
+    return {**{k: round(v, 1) for k, v in tot.items()}, "processes": len(per), "per_process": per}
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(f[11]) + int(f[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def wait_ready(port: int, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s")
+
+
+def _bundle_items(bundle: Path) -> int | None:
+    try:
+        m = json.loads((Path(bundle) / "manifest.json").read_text())
+        return int(m.get("source", {}).get("world", {}).get("n_items") or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _items_from_npz(bundle: Path) -> int | None:
+    import numpy as np
+
+    try:
+        with np.load(Path(bundle) / "items.npz", allow_pickle=False) as z:
+            return int(len(z["item_ids"]))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def start_server(bundle: Path, workers: int, port: int, state_dir: Path, env_extra: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.update({
+        "FUNNEL_BUNDLE": str(bundle), "FUNNEL_HOST": HOST, "FUNNEL_PORT": str(port), "FUNNEL_WORKERS": str(workers),
+        "FUNNEL_DB_PATH": str(state_dir / "funnel.db"), "FUNNEL_LOG_LEVEL": "warning",
+    })
+    env.update(env_extra or {})
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def run_locust(port: int, users: int, spawn_rate: float, duration: float, csv_prefix: Path, bundle: Path, env_extra: dict) -> tuple[int, float]:
+    """One headless locust run (one process, FastHttpUser); returns (exit code, its CPU seconds)."""
+    env = dict(os.environ)
+    env.update({"FUNNEL_LT_BUNDLE": str(bundle), **{k: str(v) for k, v in env_extra.items()}})
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(spawn_rate),
+        "-t", f"{int(round(duration))}s", "--host", f"http://{HOST}:{port}", "--csv", str(csv_prefix),
+        "--only-summary", "--stop-timeout", "5", "--loglevel", "WARNING",
+        "--exit-code-on-error", "0",
+    ]
+    t0 = os.times()
+    with open(str(csv_prefix) + "_locust.log", "wb") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=duration + 180)
+    t1 = os.times()
+    return proc.returncode, (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
+
+
+def read_stats(csv_prefix: Path, duration: float) -> dict:
+    """Per-endpoint figures from locust's `<prefix>_stats.csv`."""
+    rows = list(csv.DictReader(open(f"{csv_prefix}_stats.csv")))
+    eps = {}
+    for r in rows:
+        name = r["Name"]
+        if r["Type"] == "" and name == "Aggregated":
+            name = "aggregated"
+        n, fails = int(r["Request Count"]), int(r["Failure Count"])
+
+        def num(key):
+            v = r.get(key, "N/A")
+            return None if v in ("N/A", "", None) else float(v)
+
+        eps[name] = {
+            "requests": n, "failures": fails, "rps": round(num("Requests/s") or 0.0, 2),
+            "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"),
+            "mean_ms": round(num("Average Response Time") or 0.0, 2), "max_ms": num("Max Response Time"),
+        }
+    return eps
+
+
+def _failures(csv_prefix: Path, limit: int = 10) -> list[dict]:
+    p = Path(f"{csv_prefix}_failures.csv")
+    if not p.exists():
+        return []
+    return [{"name": r["Name"], "error": r["Error"][:300], "count": int(r["Occurrences"])} for r in list(csv.DictReader(open(p)))[:limit]]
+
+
+def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path, prefix: str, bundle: Path, lt_env: dict, server_pid: int) -> dict:
+    server_pids = [server_pid, *_children(server_pid)]
+    cpu0 = _cpu_seconds(server_pids)
+    load0 = os.getloadavg()
+    t0 = time.time()
+    code, locust_cpu = run_locust(port, users, spawn_rate, duration, out / prefix, bundle, lt_env)
+    wall = time.time() - t0
+    server_cpu = _cpu_seconds(server_pids) - cpu0
+    # Locust's run time (-t) counts from the first spawn; rps over the configured duration.
+    eps = read_stats(out / prefix, duration)
+    rec, agg = eps.get("recommend", {}), eps.get("aggregated", {})
+    total = agg.get("requests", 0)
+    errors = agg.get("failures", 0)
+    return {
+        "users": users, "duration_s": duration, "wall_s": round(wall, 1), "locust_exit": code,
+        "endpoints": {k: v for k, v in eps.items() if k != "aggregated"},
+        "rps": agg.get("rps"), "recommend_rps": rec.get("rps"), "recommend_p99_ms": rec.get("p99_ms"),
+        "errors": errors, "error_rate": round(errors / total, 6) if total else None, "failures": _failures(out / prefix),
+        "locust_cpu_s": round(locust_cpu, 1), "server_cpu_s": round(server_cpu, 1),
+        "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run_loadtest(
+    bundle: Path, out: Path, *, workers: int = 2, users: int = 100, spawn_rate: float = 50.0, duration: float = 60.0,
+    think_min: float = 0.5, think_max: float = 1.5, feedback: float = 1.0, cold: float = 0.02, seed: int = 0,
+    step_users: list[int] | None = None, p99_ms: float = 50.0, ready_timeout: float = 300.0, server_env: dict | None = None,
+    redis: bool = False, warmup: float = 10.0, show=print,
+) -> dict:
+    bundle, out = Path(bundle).resolve(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_dir = Path(tempfile.mkdtemp(prefix="funnel-lt-", dir=out))
+    port = free_port()
+    lt_env = {"FUNNEL_LT_THINK_MIN": think_min, "FUNNEL_LT_THINK_MAX": think_max, "FUNNEL_LT_FEEDBACK": feedback,
+              "FUNNEL_LT_COLD": cold, "FUNNEL_LT_SEED": seed}
+    env_extra = dict(server_env or {})
+    redis_proc = None
+    if redis:
+        rport = free_port()
+        redis_proc = subprocess.Popen(["redis-server", "--bind", HOST, "--port", str(rport), "--save", "", "--appendonly", "no",
+                                       "--dir", str(state_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        env_extra["FUNNEL_REDIS_URL"] = f"redis://{HOST}:{rport}/0"
+    t0 = time.time()
+    proc = start_server(bundle, workers, port, state_dir, env_extra, out / "server.log")
+    summary: dict = {
+        "bundle": str(bundle), "items": _bundle_items(bundle) or _items_from_npz(bundle), "workers": workers,
+        "think_s": [think_min, think_max], "feedback_share": feedback, "cold_share": cold, "host": f"{HOST}:{port}",
+        "store": "redis" if redis else "sqlite", "warmup_s": warmup,
+    }
+    try:
+        wait_ready(port, ready_timeout, proc)
+        summary["server_ready_s"] = round(time.time() - t0, 1)
+        summary["server_memory_idle_mb"] = _mem_brief(tree_memory_mb(proc.pid))
+        show(f"server ready ({workers} worker(s)) in {summary['server_ready_s']} s on {HOST}:{port}")
+        if warmup > 0:  # untimed: first onnxruntime runs, page faults into the mapped bundle, connections
+            w = one_run(port, max(step_users or [users]), spawn_rate, warmup, out, "warmup", bundle, lt_env, proc.pid)
+            summary["warmup"] = {"duration_s": warmup, "users": w["users"], "recommend_rps": w["recommend_rps"], "errors": w["errors"]}
+            show(f"warm-up {warmup:.0f} s: {w['recommend_rps']} recommend rps, errors {w['errors']}")
+        if step_users:
+            steps = []
+            for u in step_users:
+                r = one_run(port, u, max(spawn_rate, u), duration, out, f"step_{u:04d}", bundle, lt_env, proc.pid)
+                ok = r["errors"] == 0 and r["recommend_p99_ms"] is not None and r["recommend_p99_ms"] <= p99_ms
+                r["within_bounds"] = ok
+                steps.append(r)
+                show(f"step {u} users: recommend {r['recommend_rps']} rps, p99 {r['recommend_p99_ms']} ms, errors {r['errors']}")
+                if not ok:
+                    break
+            good = [s for s in steps if s["within_bounds"]]
+            summary.update(mode="step", p99_bound_ms=p99_ms, steps=steps,
+                           max_rps_p99_ok=max((s["recommend_rps"] for s in good), default=None),
+                           max_rps_users=max(good, key=lambda s: s["recommend_rps"])["users"] if good else None)
+            last = max(good, key=lambda s: s["recommend_rps"]) if good else steps[-1]
+            summary.update({k: last[k] for k in ("users", "endpoints", "rps", "recommend_rps", "errors", "error_rate")})
+        else:
+            r = one_run(port, users, spawn_rate, duration, out, "locust", bundle, lt_env, proc.pid)
+            summary.update(mode="fixed", **r)
+        summary["server_memory_mb"] = tree_memory_mb(proc.pid)
+    finally:
+        stop_server(proc)
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _mem_brief(m: dict) -> dict:
+    return {k: m[k] for k in ("rss", "pss", "uss", "processes")}
