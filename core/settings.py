@@ -35,9 +35,9 @@ class Settings(BaseSettings):
     quota_follow: int = 100
     recall_total: int = 800
     merge_multi_hit: float = 1.0  # merge priority ÷ (1 + this × (paths that found the item − 1))
-    # "calibrated": order by each path's hit rate per rank (manifest merge_calibration, measured
-    # on a validation slice of the training data); "rank": rank/quota. Calibrated falls back to
-    # rank for bundles without a calibration.
+    # "calibrated": the learned merge (manifest merge_calibration: per-path hit rate per rank and a
+    # logistic regression over them, fitted on a validation slice of the training data);
+    # "rank": rank/quota. Calibrated falls back to rank for bundles without a calibration.
     merge_mode: Literal["calibrated", "rank"] = "calibrated"
     ann_k: int = 400
     # Item-CF: seeds = the user's last N positive items, weighted by recency

@@ -4,6 +4,7 @@ beyond-quota candidates so the merged set is never short while candidates remain
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -18,70 +19,128 @@ class CandidateSource(Protocol):
     def __call__(self, ctx: RequestContext) -> Candidates: ...
 
 
+@dataclass(frozen=True)
+class MergeModel:
+    """The learned merge: the probability that a merged candidate is an item the user goes on
+    to interact with, σ(w·x), from where each path ranked it. Fitted at build time on a
+    validation slice of the training data (retrieval/calibrate.py).
+
+    x per candidate: for every path the model knows, (found by it, logit of the path's
+    calibrated hit rate at that rank, log(1 + rank)); then the number of parts that found it
+    and a constant. Evidence adds up: an item ann ranks 150th and item-CF ranks 20th beats
+    one only ann ranks 120th, which neither rank/quota nor a best-single-path rate can say.
+    Parts the model does not know (a path added after the build) only count in the
+    number of paths."""
+
+    paths: tuple[str, ...]
+    rates: tuple[np.ndarray, ...]  # per path: hit rate per rank (0-based), non-increasing
+    weights: np.ndarray | None = None  # [3·paths + 2]; None: not fitted yet
+
+    FEATURES_PER_PATH = ("found", "logit_rate", "log_rank")
+
+    @property
+    def n_features(self) -> int:
+        return 3 * len(self.paths) + 2
+
+    def feature_names(self) -> list[str]:
+        return [f"{p}.{f}" for p in self.paths for f in self.FEATURES_PER_PATH] + ["n_paths", "bias"]
+
+    def features(self, n: int, inv: np.ndarray, rank: np.ndarray, part: np.ndarray, names: list[str]) -> np.ndarray:
+        """[n, n_features] for n merged items; row r of the concatenated parts is item inv[r],
+        at `rank[r]` of part `part[r]` (named names[part[r]])."""
+        x = np.zeros((n, self.n_features), np.float32)
+        for j, name in enumerate(names):  # one pass per path, vectorised over its candidates
+            if name not in self.paths:
+                continue
+            k = self.paths.index(name)
+            rows = np.flatnonzero(part == j)
+            r = rank[rows]
+            rate = self.rates[k]
+            p = np.clip(rate[np.minimum(r, len(rate) - 1)], 1e-6, 1 - 1e-6)
+            x[inv[rows], 3 * k] = 1.0
+            x[inv[rows], 3 * k + 1] = np.log(p / (1 - p))
+            x[inv[rows], 3 * k + 2] = np.log1p(r)
+        x[:, -2] = np.bincount(inv, minlength=n)
+        x[:, -1] = 1.0
+        return x
+
+    def to_json(self) -> dict:
+        return {"features": self.feature_names(), "weights": [round(float(w), 6) for w in self.weights]}
+
+
+@dataclass
+class _Union:
+    """The parts' unblocked candidates concatenated, each part in its own score order."""
+
+    item: np.ndarray  # merged (unique) items
+    source: np.ndarray  # OR-ed source bits per merged item
+    inv: np.ndarray  # row -> merged item
+    rank: np.ndarray  # row -> rank inside its part
+    part: np.ndarray  # row -> part index
+    quota: np.ndarray  # row -> its part's quota
+
+    @property
+    def inquota(self) -> np.ndarray:
+        """Merged items inside some path's quota."""
+        q = np.zeros(len(self.item), bool)
+        q[self.inv[self.rank < self.quota]] = True
+        return q
+
+
+def union_of(parts: list[tuple[Candidates, int]], blocked: np.ndarray) -> _Union | None:
+    items, bits, ranks, part_of, quotas = [], [], [], [], []
+    for n, (cands, quota) in enumerate(parts):
+        if len(cands) == 0 or quota <= 0:
+            continue
+        c = cands.take(np.flatnonzero(~np.isin(cands.item, blocked))) if len(blocked) else cands
+        c = c.top(len(c))
+        items.append(c.item)
+        bits.append(c.source)
+        ranks.append(np.arange(len(c), dtype=np.int64))
+        part_of.append(np.full(len(c), n, np.int64))
+        quotas.append(np.full(len(c), quota, np.int64))
+    if not items:
+        return None
+    item = np.concatenate(items)
+    uniq, inv = np.unique(item, return_inverse=True)
+    merged_bits = np.zeros(len(uniq), np.uint32)
+    np.bitwise_or.at(merged_bits, inv, np.concatenate(bits))
+    return _Union(uniq, merged_bits, inv, np.concatenate(ranks), np.concatenate(part_of), np.concatenate(quotas))
+
+
 def merge_candidates(
     parts: list[tuple[Candidates, int]], blocked: np.ndarray, total: int, multi_hit: float = 1.0,
-    rates: list[np.ndarray | None] | None = None,
+    model: MergeModel | None = None, names: list[str] | None = None,
 ) -> Candidates:
     """parts: (candidates of one source, its quota). Each source's candidates are ranked by
     its own score, blocked items removed first.
 
-    Uncalibrated (rates None): an item's priority is rank/quota (< 1 inside its quota), the
-    best over the sources that found it, divided by 1 + multi_hit·(paths that found it − 1)
+    Rank mode (no fitted `model`): an item's priority is rank/quota (< 1 inside its quota),
+    the best over the sources that found it, divided by 1 + multi_hit·(paths that found it − 1)
     so items several paths agree on come first.
 
-    Calibrated (rates[i]: part i's hit rate per rank, from retrieval/calibrate.py; None for a
-    part without a curve, which then gets half the lowest calibrated rate): an item's value is
-    its best rate over the paths that found it × (1 + multi_hit·(paths − 1)); the calibration
-    chooses multi_hit on its validation users. Items inside some path's quota come before
-    items only found beyond every quota.
+    Learned mode (`model` with weights; `names[i]` names part i): an item's score is the
+    model's hit probability. Items inside some path's quota come before items only found
+    beyond every quota.
 
     The `total` best are kept; ties broken by item order (stable)."""
-    items, bits, keys, inquota, vals = [], [], [], [], []
-    calibrated = rates is not None and any(r is not None for r in rates)
-    floor = min(float(r[-1]) for r in rates if r is not None and len(r)) if calibrated else 0.0
-    for n, (cands, quota) in enumerate(parts):
-        if len(cands) == 0 or quota <= 0:
-            continue
-        c = cands.take(np.flatnonzero(~np.isin(cands.item, blocked, assume_unique=False))) if len(blocked) else cands
-        c = c.top(len(c))
-        rank = np.arange(len(c), dtype=np.float32)
-        items.append(c.item)
-        bits.append(c.source)
-        keys.append(rank / np.float32(quota))
-        if calibrated:
-            r = rates[n]
-            if r is None or len(r) == 0:
-                v = np.full(len(c), floor * 0.5, np.float32)
-            else:
-                v = r[np.minimum(rank.astype(np.int64), len(r) - 1)].astype(np.float32)
-            vals.append(np.clip(v, 0.0, 0.999))
-            inquota.append(rank < quota)
-    if not items:
+    u = union_of(parts, blocked)
+    if u is None:
         return Candidates.empty()
-    item = np.concatenate(items)
-    bit = np.concatenate(bits)
-    uniq, inv = np.unique(item, return_inverse=True)
-    merged_bits = np.zeros(len(uniq), np.uint32)
-    np.bitwise_or.at(merged_bits, inv, bit)
-    if calibrated:
-        best = np.zeros(len(uniq), np.float32)
-        np.maximum.at(best, inv, np.concatenate(vals))
-        if multi_hit:
-            best = best * (1.0 + multi_hit * (np.bincount(inv, minlength=len(uniq)).astype(np.float32) - 1.0))
-        q = np.zeros(len(uniq), bool)
-        np.logical_or.at(q, inv, np.concatenate(inquota))
-        score = best - 2.0 * (~q)  # beyond every quota: after all in-quota items (values < 2)
-        merged = Candidates(uniq, merged_bits, score.astype(np.float32))
-        return merged.top(min(total, len(merged)))
-    key = np.concatenate(keys)
-    best = np.full(len(uniq), np.inf, np.float32)
-    np.minimum.at(best, inv, key)
+    n = len(u.item)
+    if model is not None and model.weights is not None:
+        z = model.features(n, u.inv, u.rank, u.part, names or []) @ model.weights.astype(np.float32)
+        prob = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+        score = prob - 2.0 * (~u.inquota)  # beyond every quota: after all in-quota items (prob < 1)
+        return Candidates(u.item, u.source, score.astype(np.float32)).top(min(total, n))
+    key = u.rank.astype(np.float32) / u.quota.astype(np.float32)
+    best = np.full(n, np.inf, np.float32)
+    np.minimum.at(best, u.inv, key)
     if multi_hit:
-        hits = np.bincount(inv, minlength=len(uniq)).astype(np.float32)
+        hits = np.bincount(u.inv, minlength=n).astype(np.float32)
         best = best / (1.0 + multi_hit * (hits - 1.0))
     # Score: higher is better, so the negated priority.
-    merged = Candidates(uniq, merged_bits, -best)
-    return merged.top(min(total, len(merged)))
+    return Candidates(u.item, u.source, -best).top(min(total, n))
 
 
 class RecallMerge:
@@ -96,14 +155,13 @@ class RecallMerge:
     ):
         self.sources, self.quotas, self.total, self.multi_hit = sources, quotas, total, multi_hit
         self.on_error = on_error
-        # Per-path hit rate per rank (manifest "merge_calibration"), expanded once at build time.
-        self.rates: dict[str, np.ndarray] | None = None
-        if calibration:
-            from retrieval.calibrate import curve_rates
+        # The learned merge (manifest "merge_calibration"), its rate curves expanded once here.
+        self.model: MergeModel | None = None
+        if calibration and calibration.get("weights"):
+            from retrieval.calibrate import merge_model
 
             depth = max(int(calibration.get("depth", 1024)), max(quotas.values(), default=0) * 4)
-            self.rates = {name: curve_rates(c, depth) for name, c in calibration["paths"].items()}
-            self.cal_multi_hit = float(calibration.get("multi_hit", 0.0))
+            self.model = merge_model(calibration, depth)
 
     def __call__(self, ctx: RequestContext, cands: Candidates) -> Candidates:
         parts, names, report = [], [], {}
@@ -123,5 +181,4 @@ class RecallMerge:
         if len(cands):  # candidates handed in (e.g. by a caller) compete too
             parts.append((cands, len(cands)))
             names.append("")
-        rates = [self.rates.get(n) for n in names] if self.rates else None
-        return merge_candidates(parts, ctx.blocked(), self.total, self.cal_multi_hit if rates else self.multi_hit, rates)
+        return merge_candidates(parts, ctx.blocked(), self.total, self.multi_hit, self.model, names)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 
 from core.candidates import SOURCE_BITS, Candidates
-from retrieval.calibrate import curve_rates, rate_curve, validation_split
-from retrieval.merge import merge_candidates
+from retrieval.calibrate import curve_rates, fit_logistic, rate_curve, validation_split
+from retrieval.merge import MergeModel, merge_candidates, union_of
 
 
 def test_validation_split_holds_out_each_users_last_training_events(ml_bundle):
@@ -39,38 +39,77 @@ def test_rate_curve_is_non_increasing_and_matches_dense_counts():
     assert abs(r[0] - true[0]) < 0.05 and abs(r[:8].mean() - true[:8].mean()) < 0.03
 
 
-def test_calibrated_merge_gives_slots_to_the_path_whose_ranks_are_worth_more():
+def _rate_model(paths, rates, n_paths_w=0.0):
+    """A merge model that scores a single-path item by its path's rate (logit weight 1)."""
+    w = np.zeros(3 * len(paths) + 2, np.float32)
+    w[1 : 3 * len(paths) : 3] = 1.0
+    w[-2] = n_paths_w
+    return MergeModel(tuple(paths), tuple(np.asarray(r, np.float32) for r in rates), w)
+
+
+def test_merge_features_by_hand():
+    a = Candidates.from_source(np.array([7, 3, 9]), np.array([3.0, 2.0, 1.0]), "ann")
+    g = Candidates.from_source(np.array([3, 4]), np.array([2.0, 1.0]), "graph")
+    m = MergeModel(("ann", "graph"), (np.array([0.5, 0.2, 0.1], np.float32), np.array([0.25, 0.25], np.float32)))
+    u = union_of([(a, 3), (g, 2)], np.zeros(0, np.int64))
+    assert u.item.tolist() == [3, 4, 7, 9]
+    x = m.features(len(u.item), u.inv, u.rank, u.part, ["ann", "graph"])
+    lg = lambda p: np.log(p / (1 - p))  # noqa: E731
+    # item 3: ann rank 1, graph rank 0; item 4: graph rank 1; 7: ann rank 0; 9: ann rank 2
+    expect = np.array([
+        [1, lg(0.2), np.log(2), 1, lg(0.25), 0, 2, 1],
+        [0, 0, 0, 1, lg(0.25), np.log(2), 1, 1],
+        [1, lg(0.5), 0, 0, 0, 0, 1, 1],
+        [1, lg(0.1), np.log(3), 0, 0, 0, 1, 1],
+    ], np.float32)
+    assert np.allclose(x, expect, atol=1e-5)
+    assert m.feature_names()[:3] == ["ann.found", "ann.logit_rate", "ann.log_rank"]
+    # an unknown part counts only in the number of paths
+    x2 = m.features(len(u.item), u.inv, u.rank, u.part, ["ann", "other"])
+    assert np.allclose(x2[:, 3:6], 0) and x2[0, -2] == 2
+
+
+def test_learned_merge_gives_slots_to_the_path_whose_ranks_are_worth_more():
     strong = Candidates.from_source(np.arange(0, 100), np.linspace(1, 0, 100), "ann")
     weak = Candidates.from_source(np.arange(100, 200), np.linspace(1, 0, 100), "graph")
     parts = [(strong, 50), (weak, 50)]
     blocked = np.zeros(0, np.int64)
-    # uncalibrated: equal quotas interleave the two paths
+    # rank mode: equal quotas interleave the two paths
     plain = merge_candidates(parts, blocked, total=20, multi_hit=0.0)
     assert np.count_nonzero(plain.item < 100) == 10
-    # calibrated: ann's 15th candidate still beats graph's 1st
-    rates = [0.3 / (1 + np.arange(100)) ** 0.3, np.full(100, 0.05)]
-    cal = merge_candidates(parts, blocked, total=20, multi_hit=0.0, rates=rates)
+    # learned: ann's 15th candidate still beats graph's 1st
+    model = _rate_model(("ann", "graph"), [0.3 / (1 + np.arange(100)) ** 0.3, np.full(100, 0.05)])
+    cal = merge_candidates(parts, blocked, total=20, model=model, names=["ann", "graph"])
     assert np.count_nonzero(cal.item < 100) > 15
     assert np.all(np.diff(cal.score) <= 0)
 
 
-def test_calibrated_merge_keeps_quota_backfill_and_multi_hit_rules():
+def test_learned_merge_adds_up_evidence_and_keeps_quota_backfill_rules():
     a = Candidates.from_source(np.arange(0, 10), np.linspace(1, 0, 10), "ann")
     g = Candidates.from_source(np.array([5, 20, 21, 22]), np.array([4.0, 3.0, 2.0, 1.0]), "graph")
-    rates = [np.full(10, 0.1), np.full(4, 0.08)]
+    model = _rate_model(("ann", "graph"), [np.full(10, 0.1), np.full(4, 0.08)], n_paths_w=3.0)
     blocked = np.array([0, 1])
-    out = merge_candidates([(a, 3), (g, 2)], blocked, total=5, multi_hit=0.0, rates=rates)
+    names = ["ann", "graph"]
+    out = merge_candidates([(a, 3), (g, 2)], blocked, total=5, model=model, names=names)
     # in-quota items first (ann 2,3,4; graph 5,20); blocked ones never
     assert sorted(out.item.tolist()) == [2, 3, 4, 5, 20]
     assert out.source[out.item == 5][0] == SOURCE_BITS["ann"] | SOURCE_BITS["graph"]
-    full = merge_candidates([(a, 3), (g, 2)], blocked, total=50, multi_hit=0.0, rates=rates)
+    # with weight on the number of paths, the item both found comes first
+    assert out.item[0] == 5
+    full = merge_candidates([(a, 3), (g, 2)], blocked, total=50, model=model, names=names)
     assert sorted(full.item.tolist()) == [2, 3, 4, 5, 6, 7, 8, 9, 20, 21, 22]
-    # with a multi-path bonus the item both paths found comes first
-    bonus = merge_candidates([(a, 3), (g, 2)], blocked, total=5, multi_hit=1.0, rates=rates)
-    assert bonus.item[0] == 5
-    # a part without a curve ranks below the calibrated ones but still fills the list
-    nocurve = merge_candidates([(a, 3), (g, 2)], blocked, total=5, multi_hit=0.0, rates=[rates[0], None])
-    assert nocurve.item[:3].tolist() == [2, 3, 4] and sorted(nocurve.item.tolist()) == [2, 3, 4, 5, 20]
+    # an unfitted model (no weights) merges by rank/quota
+    unfitted = MergeModel(model.paths, model.rates)
+    assert np.array_equal(merge_candidates([(a, 3), (g, 2)], blocked, 5, 1.0, unfitted, names).item,
+                          merge_candidates([(a, 3), (g, 2)], blocked, 5, 1.0).item)
+
+
+def test_fit_logistic_recovers_weights():
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.normal(size=(20000, 2)), np.ones(20000)]
+    w = np.array([1.5, -0.7, -2.0])
+    y = (rng.random(20000) < 1 / (1 + np.exp(-x @ w))).astype(float)
+    assert np.allclose(fit_logistic(x, y), w, atol=0.15)
 
 
 def test_build_stores_a_calibration_the_serving_merge_uses(loaded_bundle, pipeline):
@@ -80,5 +119,7 @@ def test_build_stores_a_calibration_the_serving_merge_uses(loaded_bundle, pipeli
     assert set(cal["paths"]) == names
     for c in cal["paths"].values():
         assert np.all(np.diff(c["rate"]) <= 1e-12)
-    assert pipeline.stages[1].rates is not None
-    assert cal["multi_hit"] in (0.0, 0.25, 0.5, 1.0)
+    assert len(cal["weights"]) == len(cal["features"]) == 3 * len(names) + 2
+    model = pipeline.stages[1].model
+    assert model is not None and set(model.paths) == names
+    assert set(cal["validation"]) == {"learned", "rank"}
