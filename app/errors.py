@@ -68,3 +68,13 @@ async def spool_full_handler(request: Request, exc: Exception) -> JSONResponse:
     retry = str(state.settings.retry_after_s if state else 1)
     body = _body([{"loc": ("store",), "msg": f"state store unavailable and the local spool is full ({exc}); retry later", "type": "spool_full"}])
     return JSONResponse(body, status_code=503, headers={"retry-after": retry})
+
+
+async def http_exception_handler(request: Request, exc) -> JSONResponse:
+    """Starlette/FastAPI HTTP errors (unparseable body, unknown route, wrong method) in the
+    same shape as every other error."""
+    status = exc.status_code
+    loc = {404: ("path",), 405: ("method",)}.get(status, ("body",))
+    _count(request, status, "http_error")
+    return JSONResponse(_body([{"loc": loc, "msg": str(exc.detail), "type": "http_error"}]), status_code=status,
+                        headers=getattr(exc, "headers", None))

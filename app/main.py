@@ -7,7 +7,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from app.errors import FieldError, field_error_handler, spool_full_handler, store_unavailable_handler, validation_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import (FieldError, field_error_handler, http_exception_handler, spool_full_handler, store_unavailable_handler,
+                        validation_handler)
 from app.guard import GuardMiddleware
 from app.metrics import Metrics
 from app.resilience import StoreUnavailable
@@ -44,6 +47,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     app = FastAPI(title="Funnel", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(FieldError, field_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(StoreUnavailable, store_unavailable_handler)
     app.add_exception_handler(SpoolFull, spool_full_handler)
     if settings.cors_origins:  # CORS is off unless origins are configured

@@ -22,6 +22,14 @@ class RecommendRequest(BaseModel):
     exclude_item_ids: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=1000)
     debug: bool = False
 
+    @field_validator("count", mode="before")
+    @classmethod
+    def _integral(cls, v):
+        # JSON Schema counts 20.0 as an integer; strings and booleans stay refused.
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v
+
 
 class RecommendedItem(BaseModel):
     item_id: str

@@ -23,6 +23,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.deps import PipelineDep, StateDep
@@ -30,11 +31,25 @@ from app.errors import FieldError
 from app.schemas import ADMIN_RESPONSES
 from fusion.service import ParamsError
 
-router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_RESPONSES)
+async def forbid_unknown_query(request: Request) -> None:
+    """Admin routes refuse query parameters they do not declare (422 naming the first)."""
+    if request.query_params:
+        route = request.scope.get("route")
+        known = {p.alias for p in getattr(getattr(route, "dependant", None), "query_params", [])}
+        for k in request.query_params:
+            if k not in known:
+                raise FieldError(("query", k), "unknown query parameter")
 
 
-def require_admin(request: Request, state: StateDep) -> str:
-    """The caller's name for the history, once the bearer token checks out."""
+router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_RESPONSES, dependencies=[Depends(forbid_unknown_query)])
+
+
+_bearer = HTTPBearer(auto_error=False, description="FUNNEL_ADMIN_TOKEN")
+
+
+def require_admin(request: Request, state: StateDep, _doc: Annotated[object, Depends(_bearer)] = None) -> str:
+    """The caller's name for the history, once the bearer token checks out. (`_doc` only
+    declares the bearer scheme in the OpenAPI schema; the header is checked here.)"""
     token = state.settings.admin_secret()
     if not token:
         raise FieldError(("header", "authorization"), "admin API disabled: no FUNNEL_ADMIN_TOKEN configured", status=403, type_="forbidden")

@@ -21,16 +21,17 @@ import asyncio
 import json
 from pathlib import Path
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import StateDep
 from app.errors import FieldError
-from app.routes.admin import AdminDep
+from app.routes.admin import AdminDep, forbid_unknown_query
 from app.schemas import ADMIN_RESPONSES
 from core.bundle import MANIFEST, BundleError
 
-router = APIRouter(prefix="/admin/bundles", tags=["admin"], responses={**ADMIN_RESPONSES, 404: ADMIN_RESPONSES[422], 409: ADMIN_RESPONSES[422]})
+router = APIRouter(prefix="/admin/bundles", tags=["admin"], responses={**ADMIN_RESPONSES, 404: ADMIN_RESPONSES[422], 409: ADMIN_RESPONSES[422]},
+                   dependencies=[Depends(forbid_unknown_query)])
 
 
 class ReloadBody(BaseModel):

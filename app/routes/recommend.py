@@ -5,7 +5,8 @@ import time
 import uuid
 
 import orjson
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from app.deps import PipelineDep, StateDep
 from app.pipeline import Pipeline
@@ -18,7 +19,7 @@ from core.store import ServedRequest
 router = APIRouter(tags=["recommend"])
 
 
-class ORJSONResponse(Response):
+class ORJSONResponse(JSONResponse):
     media_type = "application/json"
 
     def render(self, content) -> bytes:
