@@ -169,15 +169,19 @@ class AppState:
         """Apply the Redis feedback stream to the tuner's tally (consumer group; see
         core/redis_store.py). Blocks at most 200 ms per read so shutdown is prompt."""
         name = f"{self.fusion.owner}-{uuid.uuid4().hex[:6]}"
+        failing = False
         while not self._stop.is_set():
             try:
                 n = self.store.consume_feedback(name, block_ms=200)
                 if n:
                     self.metrics.stream_applied.inc(n)
+                failing = False
             except Exception as e:
                 if self._stop.is_set():
                     return
-                log.warning("feedback stream consumer: %s: %s", type(e).__name__, e)
+                if not failing:  # once per outage, not every retry
+                    log.warning("feedback stream consumer: %s: %s", type(e).__name__, e)
+                failing = True
                 self._stop.wait(0.5)
 
     # --- the tuner's round-closing poller: every worker checks; the store's lock lets one close
