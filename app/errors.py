@@ -50,3 +50,31 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
 async def field_error_handler(request: Request, exc: FieldError) -> JSONResponse:
     _count(request, exc.status, exc.type)
     return JSONResponse(_body([{"loc": exc.loc, "msg": exc.msg, "type": exc.type}]), status_code=exc.status)
+
+
+async def store_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The state store is down and this route has no fallback (admin): 503, retry later."""
+    state = getattr(request.app.state, "funnel", None)
+    _count(request, 503, "store_unavailable")
+    retry = str(state.settings.retry_after_s if state else 1)
+    body = _body([{"loc": ("store",), "msg": f"{exc}; retry later", "type": "store_unavailable"}])
+    return JSONResponse(body, status_code=503, headers={"retry-after": retry})
+
+
+async def spool_full_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The store is down and the local spool is full: feedback is not acknowledged (503)."""
+    state = getattr(request.app.state, "funnel", None)
+    _count(request, 503, "spool_full")
+    retry = str(state.settings.retry_after_s if state else 1)
+    body = _body([{"loc": ("store",), "msg": f"state store unavailable and the local spool is full ({exc}); retry later", "type": "spool_full"}])
+    return JSONResponse(body, status_code=503, headers={"retry-after": retry})
+
+
+async def http_exception_handler(request: Request, exc) -> JSONResponse:
+    """Starlette/FastAPI HTTP errors (unparseable body, unknown route, wrong method) in the
+    same shape as every other error."""
+    status = exc.status_code
+    loc = {404: ("path",), 405: ("method",)}.get(status, ("body",))
+    _count(request, status, "http_error")
+    return JSONResponse(_body([{"loc": loc, "msg": str(exc.detail), "type": "http_error"}]), status_code=status,
+                        headers=getattr(exc, "headers", None))

@@ -7,11 +7,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from app.errors import FieldError, field_error_handler, validation_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import (FieldError, field_error_handler, http_exception_handler, spool_full_handler, store_unavailable_handler,
+                        validation_handler)
+from app.guard import GuardMiddleware
 from app.metrics import Metrics
-from app.routes import admin, feedback, health, recommend
+from app.resilience import StoreUnavailable
+from app.routes import admin, bundles, feedback, health, recommend
 from app.state import AppState
 from core.settings import Settings
+from core.spool import SpoolFull
 from core.store import Store, open_store
 
 
@@ -27,21 +33,34 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         task = asyncio.get_running_loop().run_in_executor(None, state.load_bundle)
         if not background_load:
             await task
-        state.start_poller()
+        state.start_background()
         try:
             yield
         finally:
-            await state.stop_poller()
+            await state.stop_background()
             if not task.done():
                 await task
+            state.spool.close()
             if store is None:
                 st.close()
 
     app = FastAPI(title="Funnel", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(FieldError, field_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    app.add_exception_handler(StoreUnavailable, store_unavailable_handler)
+    app.add_exception_handler(SpoolFull, spool_full_handler)
+    if settings.cors_origins:  # CORS is off unless origins are configured
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "PUT"],
+                           allow_headers=["authorization", "content-type"])
+    # Outermost: refuse oversized bodies and shed load before anything else runs.
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, max_inflight=settings.max_inflight,
+                       retry_after_s=settings.retry_after_s)
     app.include_router(health.router)
     app.include_router(recommend.router)
     app.include_router(feedback.router)
     app.include_router(admin.router)
+    app.include_router(bundles.router)
     return app

@@ -16,6 +16,15 @@
 | funnel_bundle_info | gauge | version, dataset | the loaded bundle (value 1) |
 | funnel_bundle_items | gauge | | catalog size of the loaded bundle |
 | funnel_ready | gauge | | 1 when a bundle is loaded |
+| funnel_degraded_total | counter | stage, reason | stages that degraded instead of failing: stage user_tower, recall.<path>, prerank_a, rank, fusion, rerank, history, fusion_params, served_log, feedback; reason error, late, budget, store_unavailable |
+| funnel_shed_total | counter | endpoint | requests refused with 503 + Retry-After because the worker was at FUNNEL_MAX_INFLIGHT |
+| funnel_inflight | gauge | | /v1/* requests being handled by this worker |
+| funnel_store_up | gauge | | 1 while the state store answers, 0 while it is down (requests fail over to fallbacks) |
+| funnel_spool_events | gauge | | feedback events (and served records) waiting in the local spool for the store |
+| funnel_spool_drained_total | counter | kind | spooled rows written to the store once it returned (feedback, served) |
+| funnel_spool_dropped_total | counter | reason | spooled feedback that failed validation once the store could be asked (never acknowledged data the store accepts) |
+| funnel_bundle_reloads_total | counter | result | POST /admin/bundles/reload outcomes: ok, refused, not_found, busy |
+| funnel_feedback_stream_applied_total | counter | | Redis feedback-stream entries this worker's consumer applied to the tuner tally |
 
 Tuner gauges are read from the state store when /metrics is scraped (every worker reports
 the shared round; take max/avg across workers, not sum)."""
@@ -70,17 +79,31 @@ class Metrics:
         self.bundle_info = Gauge("funnel_bundle_info", "Loaded bundle (value 1)", ["version", "dataset"], registry=r)
         self.bundle_items = Gauge("funnel_bundle_items", "Catalog size of the loaded bundle", registry=r)
         self.ready = Gauge("funnel_ready", "1 when a bundle is loaded", registry=r)
+        self.degraded = Counter("funnel_degraded_total", "Stages that degraded instead of failing", ["stage", "reason"], registry=r)
+        self.shed = Counter("funnel_shed_total", "Requests refused with 503 at the in-flight limit", ["endpoint"], registry=r)
+        self.inflight = Gauge("funnel_inflight", "/v1/* requests being handled", registry=r)
+        self.store_up = Gauge("funnel_store_up", "1 while the state store answers", registry=r)
+        self.store_up.set(1)
+        self.spool_events = Gauge("funnel_spool_events", "Rows waiting in the local spool", registry=r)
+        self.spool_drained = Counter("funnel_spool_drained_total", "Spooled rows written to the store", ["kind"], registry=r)
+        self.spool_dropped = Counter("funnel_spool_dropped_total", "Spooled feedback refused by validation at drain", ["reason"], registry=r)
+        self.bundle_reloads = Counter("funnel_bundle_reloads_total", "Bundle reloads by result", ["result"], registry=r)
+        self.stream_applied = Counter("funnel_feedback_stream_applied_total", "Feedback-stream entries applied by this worker", registry=r)
         self.tuner = _TunerCollector()
         r.register(self.tuner)
 
     def observe_recall(self, paths: dict) -> None:
         """Per-path candidate counts and latency from the recall stage's report."""
         for source, rep in paths.items():
-            if "error" in rep:
+            if "error" in rep or "skipped" in rep:
                 continue
             self.recall_candidates.labels(source).observe(rep.get("n", 0))
             if "ms" in rep:
                 self.recall_seconds.labels(source).observe(rep["ms"] / 1e3)
+
+    def observe_degraded(self, degraded: list[dict]) -> None:
+        for d in degraded:
+            self.degraded.labels(d["stage"], d["reason"]).inc()
 
     def set_bundle(self, version: str, dataset: str, items: int) -> None:
         """The loaded bundle: exactly one version series is 1."""

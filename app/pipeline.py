@@ -1,6 +1,27 @@
-"""Pipeline wiring: a declarative list of stages built once from a bundle and settings."""
+"""Pipeline wiring: a declarative list of stages built once from a bundle and settings.
+
+Deadlines and fail-open (DESIGN.md, issue "Keeps serving under faults"). Every stage has a
+fallback, so a stage failure degrades the feed instead of failing the request:
+
+| stage | raises → | skipped when short of time → |
+|---|---|---|
+| user_tower | no query vector (ann recall empty, prerank keeps recall order) | — |
+| recall | path by path in RecallMerge (error / late / budget); the merge itself → popular | — |
+| prerank_a | recall order, cut to the pre-rank size | — |
+| rank | the pre-ranker's order (no task heads, fusion passes it through) | yes: rank_budget_ms |
+| fusion | the ranker's primary head order | — |
+| rerank | the fused order (sort) | yes: rerank_budget_ms |
+
+With a serving deadline (ctx.deadline, set from FUNNEL_REQUEST_BUDGET_MS at the request's
+arrival) an optional stage starts only while at least its own budget is left; a stage that
+overruns its own budget is reported "late" (Python cannot preempt a running numpy or
+onnxruntime call: lateness is seen when the stage returns; its output is kept, and the
+stages after it see less time left). Everything lands in ctx.degraded as
+{stage, reason: error|late|budget, detail?}; the response lists it and /metrics counts it.
+Without a deadline (eval, bench) nothing is skipped or dropped."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -19,7 +40,8 @@ from rerank.beam import make_reranker
 from retrieval.ann import AnnRecall
 from retrieval.graph import FollowRecall, GraphRecall
 from retrieval.itemcf import ItemCFRecall
-from retrieval.merge import RecallMerge
+from rerank.sort import FusedSortReranker
+from retrieval.merge import RecallMerge, merge_candidates
 from retrieval.popular import ListRecall
 
 POSITIVE_EVENTS = frozenset({"click", "dwell", "like", "share", "follow"})
@@ -59,10 +81,12 @@ class StageTrace:
     n_out: int
     ms: float
     sources: dict[str, int]
+    degraded: str | None = None  # "error", "late" or "budget" when the stage degraded
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, settings: Settings, observe: Callable[[str, float], None] | None = None, on_error=None):
+    def __init__(self, bundle: Bundle, settings: Settings, observe: Callable[[str, float], None] | None = None, on_error=None,
+                 on_stage_error: Callable[[str, Exception], None] | None = None):
         self.bundle, self.settings = bundle, settings
         schema = bundle.schema
         s = settings
@@ -90,6 +114,7 @@ class Pipeline:
             RecallMerge(
                 sources, s.quotas(), s.recall_total, on_error=on_error, multi_hit=s.merge_multi_hit,
                 calibration=bundle.manifest.get("merge_calibration") if s.merge_mode == "calibrated" else None,
+                path_budget_s=s.recall_path_budget_ms / 1e3, stage_budget_s=s.recall_budget_ms / 1e3,
             ),
             TwoTowerPrerank(bundle.item_emb, s.prerank_a_keep),
             MultiTaskRankerStage(bundle.ranker, table, schema.history_len, len(schema.tasks)),
@@ -97,19 +122,51 @@ class Pipeline:
             make_reranker(schema, bundle.item_fields, s),  # rerank_mode: beam | greedy | sort
         ]
         self.observe = observe
+        self.on_stage_error = on_stage_error
+        # Own budgets (seconds): "late" above them; optional stages start only with this much left.
+        self.budgets = {"recall": s.recall_budget_ms / 1e3, "rank": s.rank_budget_ms / 1e3, "rerank": s.rerank_budget_ms / 1e3}
+        self.optional = frozenset({"rank", "rerank"})
+        popular_fallback = ListRecall("popular", bundle.popular, bundle.popular_score, s.recall_total)
+        sort = FusedSortReranker()
+        self.fallbacks: dict[str, Callable[[RequestContext, Candidates], Candidates]] = {
+            "user_tower": lambda ctx, c: c,
+            "recall": lambda ctx, c: merge_candidates([(popular_fallback(ctx), s.recall_total)], ctx.blocked(), s.recall_total),
+            "prerank_a": lambda ctx, c: c.top(min(s.prerank_a_keep, len(c))),
+            "rank": lambda ctx, c: c,
+            "fusion": lambda ctx, c: c,
+            "rerank": sort,
+        }
 
     def run(self, ctx: RequestContext) -> tuple[Candidates, list[StageTrace]]:
         cands = Candidates.empty()
         trace = []
+        timed = math.isfinite(ctx.deadline)
         for stage in self.stages:
+            name = stage.name
             t0 = time.perf_counter()
             n_in = len(cands)
-            cands = stage(ctx, cands)
-            ms = (time.perf_counter() - t0) * 1e3
+            degraded = None
+            if timed and name in self.optional and ctx.deadline - t0 < self.budgets[name]:
+                degraded = "budget"
+                ctx.degrade(name, "budget", f"{max(0.0, ctx.deadline - t0) * 1e3:.1f} ms left < {self.budgets[name] * 1e3:.0f} ms")
+                cands = self.fallbacks[name](ctx, cands)
+            else:
+                try:
+                    cands = stage(ctx, cands)
+                except Exception as e:  # fail open: the stage's fallback serves instead
+                    degraded = "error"
+                    ctx.degrade(name, "error", type(e).__name__)
+                    if self.on_stage_error:
+                        self.on_stage_error(name, e)
+                    cands = self.fallbacks[name](ctx, cands)
+            sec = time.perf_counter() - t0
+            if timed and degraded is None and sec > self.budgets.get(name, math.inf):
+                degraded = "late"
+                ctx.degrade(name, "late", f"{sec * 1e3:.1f} ms > {self.budgets[name] * 1e3:.0f} ms")
             if self.observe:
-                self.observe(stage.name, ms / 1e3)
+                self.observe(name, sec)
             if ctx.debug:
-                trace.append(StageTrace(stage.name, n_in, len(cands), round(ms, 3), {k: v for k, v in cands.source_counts().items() if v}))
+                trace.append(StageTrace(name, n_in, len(cands), round(sec * 1e3, 3), {k: v for k, v in cands.source_counts().items() if v}, degraded))
         return cands, trace
 
     # --- request context -------------------------------------------------------------------
@@ -128,6 +185,8 @@ class Pipeline:
         fusion: dict | None = None,
         bucket: str = "main",
         seed: int | None = None,
+        deadline: float = math.inf,
+        degraded: list[dict] | None = None,
     ) -> RequestContext:
         b = self.bundle
         u = b.user_index.get(user_id, -1)
@@ -167,6 +226,8 @@ class Pipeline:
             fusion=fusion or {},
             bucket=bucket,
             rng=np.random.default_rng(seed),
+            deadline=deadline,
+            degraded=list(degraded or []),
         )
 
     def describe(self, cands: Candidates) -> list[dict]:

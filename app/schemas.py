@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EventType = Literal["impression", "click", "dwell", "like", "share", "follow", "dislike"]
 
-_Id = Field(min_length=1, max_length=256)
+# Ids: 1-256 characters, no control characters (they would end up in log lines and store keys).
+_ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+_Id = Field(min_length=1, max_length=256, pattern=_ID_PATTERN)
 
 
 class RecommendRequest(BaseModel):
@@ -16,9 +18,17 @@ class RecommendRequest(BaseModel):
 
     user_id: str = _Id
     count: int = Field(20, ge=1, le=200)
-    scene: str = Field("home", min_length=1, max_length=64)
-    exclude_item_ids: list[str] = Field(default_factory=list, max_length=1000)
+    scene: str = Field("home", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    exclude_item_ids: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=1000)
     debug: bool = False
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _integral(cls, v):
+        # JSON Schema counts 20.0 as an integer; strings and booleans stay refused.
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v
 
 
 class RecommendedItem(BaseModel):
@@ -33,6 +43,15 @@ class StageTraceOut(BaseModel):
     n_out: int
     ms: float
     sources: dict[str, int]
+    degraded: str | None = None  # error | late | budget
+
+
+class Degradation(BaseModel):
+    """A stage that fell back instead of failing the request (app/pipeline.py, app/resilience.py)."""
+
+    stage: str  # user_tower, recall.<path>, prerank_a, rank, fusion, rerank, history, fusion_params, served_log
+    reason: str  # error | late | budget | store_unavailable
+    detail: str | None = None
 
 
 class Trace(BaseModel):
@@ -48,6 +67,7 @@ class RecommendResponse(BaseModel):
     bundle_version: str
     bucket: str
     items: list[RecommendedItem]
+    degraded: list[Degradation] = []  # empty when every stage ran in time
     trace: Trace | None = None
 
 
@@ -83,3 +103,34 @@ class FeedbackRequest(BaseModel):
 class FeedbackResponse(BaseModel):
     accepted: int
     duplicates: int
+    spooled: bool | None = None  # true (else absent): the store was down; the events wait, durable, in the local spool
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error: `message` names the field (or the header, the body, the store) it is about."""
+
+    detail: list[ErrorDetail]
+    message: str
+
+
+def _err(desc: str) -> dict:
+    return {"model": ErrorResponse, "description": desc}
+
+
+ERROR_RESPONSES: dict = {
+    400: _err("Malformed JSON or header"),
+    413: _err("Request body too large (FUNNEL_MAX_BODY_BYTES)"),
+    422: _err("Invalid field; `message` names it"),
+    503: _err("Not ready (no bundle), overloaded (FUNNEL_MAX_INFLIGHT; Retry-After), or store down with a full spool (Retry-After)"),
+}
+ADMIN_RESPONSES: dict = {
+    **ERROR_RESPONSES,
+    401: _err("Missing or wrong bearer token"),
+    403: _err("Admin API disabled (no FUNNEL_ADMIN_TOKEN)"),
+}

@@ -1,6 +1,7 @@
 """Per-request inputs every stage reads. Stages hold no per-request state; this does."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,13 @@ class RequestContext:
     # Stage-specific notes for the debug trace (e.g. per-path recall counts).
     trace_extra: dict = field(default_factory=dict)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    # Serving deadline, time.perf_counter() seconds (inf: no budget, e.g. eval and bench), and
+    # what degraded so far: [{"stage": ..., "reason": ..., "detail"?: ...}] (app/pipeline.py).
+    deadline: float = math.inf
+    degraded: list[dict] = field(default_factory=list)
+
+    def degrade(self, stage: str, reason: str, detail: str | None = None) -> None:
+        self.degraded.append({"stage": stage, "reason": reason} if detail is None else {"stage": stage, "reason": reason, "detail": detail})
 
     @property
     def known(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
-    admin_token: str | None = None
+    # Bearer token of the admin API. A SecretStr: never shown by repr(settings), logs or errors.
+    admin_token: SecretStr | None = None
     log_level: str = "info"
 
     # Recall: per-source quotas (candidates kept per path before merge) and the merged size
@@ -100,8 +101,45 @@ class Settings(BaseSettings):
     served_log_ttl_s: float = 7 * 24 * 3600.0
     history_limit: int = 200  # real-time history events read per request
 
+    # Deadlines (app/pipeline.py "Deadlines and fail-open"). The request budget counts from the
+    # request's arrival; an optional stage (rank, rerank) starts only while at least its own
+    # budget is left, a recall path returning after recall_path_budget_ms is late and its
+    # candidates are dropped, and the expensive recall paths not yet run once the recall
+    # stage's budget is spent are skipped (popular and fresh always run).
+    request_budget_ms: float = Field(150.0, gt=0)
+    recall_budget_ms: float = Field(60.0, gt=0)
+    recall_path_budget_ms: float = Field(30.0, gt=0)
+    rank_budget_ms: float = Field(50.0, gt=0)
+    rerank_budget_ms: float = Field(30.0, gt=0)
+
+    # State store outages (app/resilience.py): after a failed call the store is not asked again
+    # on the request path for store_retry_seconds; feedback goes to a local durable spool
+    # (SQLite, fsync per commit) of at most spool_max_events events, drained every
+    # spool_drain_seconds once the store answers again. Default spool: beside db_path.
+    store_timeout_s: float = Field(2.0, gt=0)  # Redis socket timeout
+    store_retry_seconds: float = Field(1.0, ge=0)
+    spool_path: Path | None = None
+    spool_max_events: int = Field(100_000, ge=1)
+    spool_drain_seconds: float = Field(1.0, gt=0)
+
+    # Hostile input and overload (app/guard.py)
+    max_body_bytes: int = Field(1_048_576, ge=1024)  # larger request bodies get 413
+    max_inflight: int = Field(16, ge=1)  # per worker, /v1/* requests being handled; beyond: 503 + Retry-After
+    retry_after_s: int = Field(1, ge=1)  # Retry-After of the 503s
+    cors_origins: list[str] = Field(default_factory=list)  # CORS off unless origins are listed
+    bundles_dir: Path | None = None  # where POST /admin/bundles/reload looks for versions (default: the bundle's parent)
+
     def model_cache(self) -> Path:
         return self.model_cache_dir if self.model_cache_dir is not None else Path(self.db_path).parent / "model-cache"
+
+    def spool(self) -> Path:
+        return self.spool_path if self.spool_path is not None else Path(self.db_path).parent / "spool.db"
+
+    def bundles_root(self) -> Path:
+        return Path(self.bundles_dir) if self.bundles_dir is not None else Path(self.bundle).absolute().parent
+
+    def admin_secret(self) -> str | None:
+        return self.admin_token.get_secret_value() if self.admin_token is not None else None
 
     def quotas(self) -> dict[str, int]:
         return {

@@ -130,7 +130,8 @@ def open_store(settings: "Settings") -> Store:
     if settings.redis_url:
         from core.redis_store import RedisStore
 
-        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, served_ttl_s=settings.served_log_ttl_s)
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, served_ttl_s=settings.served_log_ttl_s,
+                          timeout_s=settings.store_timeout_s)
     return SQLiteStore(settings.db_path, settings.served_log_ttl_s)
 
 

@@ -38,6 +38,7 @@ class Assignment:
     bucket: str
     round_id: int  # -1: not in a tuner round
     params: Params
+    stale: bool = False  # the store could not be read: last known values (or the prior) served
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,23 @@ class FusionService:
     # ------------------------------------------------------------------ reads (cached)
 
     def _tuner_view(self) -> _TunerView:
+        return self._tuner_view_s()[0]
+
+    def _tuner_view_s(self) -> tuple[_TunerView, bool]:
+        """(view, stale). When the store cannot be read, the last view read (any age) is
+        served, or no tuner at all (bucket main, scene parameters) if none was read yet."""
         now = time.monotonic()
         with self._lock:
-            if self._view is not None and now - self._view[0] < self.cache_seconds:
-                return self._view[1]
-        view = self._read_view()
+            old = self._view
+        if old is not None and now - old[0] < self.cache_seconds:
+            return old[1], False
+        try:
+            view = self._read_view()
+        except Exception:
+            return (old[1] if old is not None else _NO_TUNER), True
         with self._lock:
             self._view = (now, view)
-        return view
+        return view, False
 
     def _read_view(self) -> _TunerView:
         doc = self.tuner.load() if self.tuner is not None else self.store.get_doc(f"tuner:{self.scene}")
@@ -119,14 +129,24 @@ class FusionService:
 
     def scene_params(self, scene: str) -> tuple[Params, dict]:
         """(params, meta) of a scene outside the experiment: stored params over the prior."""
+        return self._scene_params_s(scene)[:2]
+
+    def _scene_params_s(self, scene: str) -> tuple[Params, dict, bool]:
+        """(params, meta, stale); stale: the store could not be read, so the last params read
+        for the scene (any age), else the prior."""
         now = time.monotonic()
         with self._lock:
             hit = self._scenes.get(scene)
             if hit is not None and now - hit[0] < self.cache_seconds:
-                return hit[1], hit[2]
+                return hit[1], hit[2], False
         params = dict(self.prior or {})
         meta: dict = {"source": "settings", "updated_at": None, "updated_by": None}
-        doc = self.store.get_doc(f"fusion:{scene}")
+        try:
+            doc = self.store.get_doc(f"fusion:{scene}")
+        except Exception:
+            if hit is not None:
+                return hit[1], {**hit[2], "stale": True}, True
+            return params, {**meta, "source": "prior (store unavailable)", "stale": True}, True
         if doc is not None:
             for t, (a, b) in doc.value.get("params", {}).items():
                 if t in params:
@@ -137,17 +157,20 @@ class FusionService:
             if len(self._scenes) >= self.MAX_CACHED_SCENES:
                 self._scenes.clear()
             self._scenes[scene] = (now, params, meta)
-        return params, meta
+        return params, meta, False
 
     # ------------------------------------------------------------------ serving
 
     def assign(self, user_id: str, scene: str) -> Assignment:
+        """Never raises for a store outage: stale values are served and flagged."""
+        stale = False
         if scene == self.scene and self.tuner is not None:
-            v = self._tuner_view()
+            v, stale = self._tuner_view_s()
             if v.enabled and v.round_id is not None:
                 b = assign_bucket(user_id, v.round_id, v.salt, v.share, v.population)
-                return Assignment(b, v.round_id, v.params.get(b, v.mean))
-        return Assignment(MAIN, -1, self.scene_params(scene)[0])
+                return Assignment(b, v.round_id, v.params.get(b, v.mean), stale)
+        params, _, stale2 = self._scene_params_s(scene)
+        return Assignment(MAIN, -1, params, stale or stale2)
 
     def tally(self, served: ServedRequest, events) -> Tally | None:
         """Rewards of a feedback call, for requests served inside a tuner round."""

@@ -3,6 +3,7 @@
 beyond-quota candidates so the merged set is never short while candidates remain."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -143,18 +144,33 @@ def merge_candidates(
     return Candidates(u.item, u.source, -best).top(min(total, n))
 
 
+# Paths that only slice a precomputed list: always run, so a feed stays full whatever else
+# failed or ran out of time.
+CHEAP_PATHS = frozenset({"popular", "fresh"})
+
+
 class RecallMerge:
-    """The recall stage: runs every source (fail-open: a path that raises is skipped and
-    reported), then merges."""
+    """The recall stage: runs every source, then merges. Fail-open, path by path:
+    - a path that raises is skipped (reason "error");
+    - with a serving deadline (ctx.deadline finite), a path that returns more than
+      `path_budget_s` after it started is late: its candidates are dropped (reason "late"),
+      the same outcome a preemptive timeout would give (Python cannot interrupt a running
+      numpy/faiss call, so lateness is seen when the path returns);
+    - once the stage's own budget (`stage_budget_s`, capped by the request deadline) is
+      spent, the expensive paths not yet run are skipped (reason "budget"); the cheap list
+      paths (popular, fresh) always run.
+    Each case is reported in ctx.trace_extra["recall_paths"] and ctx.degraded ("recall.<path>")."""
 
     name = "recall"
 
     def __init__(
         self, sources: list[CandidateSource], quotas: dict[str, int], total: int,
         on_error: Callable[[str, Exception], None] | None = None, multi_hit: float = 1.0, calibration: dict | None = None,
+        path_budget_s: float = float("inf"), stage_budget_s: float = float("inf"),
     ):
         self.sources, self.quotas, self.total, self.multi_hit = sources, quotas, total, multi_hit
         self.on_error = on_error
+        self.path_budget_s, self.stage_budget_s = path_budget_s, stage_budget_s
         # The learned merge (manifest "merge_calibration"), its rate curves expanded once here.
         self.model: MergeModel | None = None
         if calibration and calibration.get("weights"):
@@ -165,15 +181,27 @@ class RecallMerge:
 
     def __call__(self, ctx: RequestContext, cands: Candidates) -> Candidates:
         parts, names, report = [], [], {}
+        timed = math.isfinite(ctx.deadline)
+        stage_deadline = min(ctx.deadline, time.perf_counter() + self.stage_budget_s) if timed else math.inf
         for src in self.sources:
             t0 = time.perf_counter()
+            if timed and src.name not in CHEAP_PATHS and t0 >= stage_deadline:
+                report[src.name] = {"n": 0, "skipped": "budget"}
+                ctx.degrade(f"recall.{src.name}", "budget")
+                continue
             try:
                 out = src(ctx)
-                report[src.name] = {"n": len(out), "ms": round((time.perf_counter() - t0) * 1e3, 3)}
             except Exception as e:  # fail open: one broken path must not fail the feed
                 report[src.name] = {"n": 0, "error": type(e).__name__}
+                ctx.degrade(f"recall.{src.name}", "error", type(e).__name__)
                 if self.on_error:
                     self.on_error(src.name, e)
+                continue
+            sec = time.perf_counter() - t0
+            report[src.name] = {"n": len(out), "ms": round(sec * 1e3, 3)}
+            if timed and sec > self.path_budget_s and src.name not in CHEAP_PATHS:
+                report[src.name]["dropped"] = "late"
+                ctx.degrade(f"recall.{src.name}", "late", f"{sec * 1e3:.1f} ms > {self.path_budget_s * 1e3:.0f} ms")
                 continue
             parts.append((out, self.quotas.get(src.name, 0)))
             names.append(src.name)

@@ -15,6 +15,7 @@ when given, else "admin@<client address>".
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from typing import Annotated
@@ -22,22 +23,41 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.deps import PipelineDep, StateDep
 from app.errors import FieldError
+from app.schemas import ADMIN_RESPONSES
 from fusion.service import ParamsError
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+async def forbid_unknown_query(request: Request) -> None:
+    """Admin routes refuse query parameters they do not declare (422 naming the first)."""
+    if request.query_params:
+        route = request.scope.get("route")
+        known = {p.alias for p in getattr(getattr(route, "dependant", None), "query_params", [])}
+        for k in request.query_params:
+            if k not in known:
+                raise FieldError(("query", k), "unknown query parameter")
 
 
-def require_admin(request: Request, state: StateDep) -> str:
-    """The caller's name for the history, once the bearer token checks out."""
-    token = state.settings.admin_token
+router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_RESPONSES, dependencies=[Depends(forbid_unknown_query)])
+
+
+_bearer = HTTPBearer(auto_error=False, description="FUNNEL_ADMIN_TOKEN")
+
+
+def require_admin(request: Request, state: StateDep, _doc: Annotated[object, Depends(_bearer)] = None) -> str:
+    """The caller's name for the history, once the bearer token checks out. (`_doc` only
+    declares the bearer scheme in the OpenAPI schema; the header is checked here.)"""
+    token = state.settings.admin_secret()
     if not token:
         raise FieldError(("header", "authorization"), "admin API disabled: no FUNNEL_ADMIN_TOKEN configured", status=403, type_="forbidden")
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # Constant time, and over fixed-length digests so not even the token's length leaks. The
+    # token is never logged or echoed (Settings keeps it as a SecretStr).
+    given_d = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_d, hashlib.sha256(token.encode()).digest()):
         raise FieldError(("header", "authorization"), "missing or wrong bearer token", status=401, type_="unauthorized")
     who = request.headers.get("x-admin-user", "").strip()[:128]
     return who or f"admin@{request.client.host if request.client else 'unknown'}"
