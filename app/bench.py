@@ -32,6 +32,7 @@ import numpy as np
 from app.pipeline import Pipeline
 from core.bundle import Bundle
 from core.settings import Settings
+from loadtest.run import process_memory_mb
 
 
 def _pcts(xs) -> dict:
@@ -293,19 +294,3 @@ def bench(bundle_path: Path | str, requests: int = 2000, warmup: int = 100, seed
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     })
     return result
-
-
-def process_memory_mb(pid: int | str = "self") -> dict:
-    """RSS, PSS (shared pages divided among the processes mapping them) and USS (private
-    pages) in MB, from /proc/<pid>/smaps_rollup (Linux); {} elsewhere."""
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return {}
-    kb = {}
-    for line in text.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 2 and parts[1].isdigit():
-            kb[parts[0].rstrip(":")] = int(parts[1])
-    uss = kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
-    return {"rss": round(kb.get("Rss", 0) / 1024, 1), "pss": round(kb.get("Pss", 0) / 1024, 1), "uss": round(uss / 1024, 1)}

@@ -50,34 +50,29 @@ def _children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in _children(k)]
 
 
-def _smaps(pid: int) -> dict[str, int]:
-    kb = {}
+def process_memory_mb(pid: int | str = "self") -> dict:
+    """RSS, PSS (shared pages divided among the processes mapping them) and USS (private
+    pages) of one process in MB, from /proc/<pid>/smaps_rollup (Linux); {} elsewhere."""
     try:
         lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
     except OSError:
-        return kb
+        return {}
+    kb = {}
     for line in lines:
         parts = line.split()
         if len(parts) >= 2 and parts[1].isdigit():
             kb[parts[0].rstrip(":")] = int(parts[1])
-    return kb
+    uss = kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
+    return {"rss": round(kb.get("Rss", 0) / 1024, 1), "pss": round(kb.get("Pss", 0) / 1024, 1), "uss": round(uss / 1024, 1)}
 
 
 def tree_memory_mb(root: int) -> dict:
     """RSS / PSS / USS of a process and all its descendants (MB). PSS splits shared pages
     (the memory-mapped bundle, shared libraries) among the processes mapping them, so the
     PSS sum is the tree's real footprint; the RSS sum counts shared pages once per process."""
-    per = {}
-    tot = {"rss": 0.0, "pss": 0.0, "uss": 0.0}
-    for pid in [root, *_children(root)]:
-        kb = _smaps(pid)
-        if not kb:
-            continue
-        m = {"rss": kb.get("Rss", 0) / 1024, "pss": kb.get("Pss", 0) / 1024, "uss": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024}
-        per[pid] = {k: round(v, 1) for k, v in m.items()}
-        for k in tot:
-            tot[k] += m[k]
-    return {**{k: round(v, 1) for k, v in tot.items()}, "processes": len(per), "per_process": per}
+    per = {pid: m for pid in [root, *_children(root)] if (m := process_memory_mb(pid))}
+    tot = {k: round(sum(m[k] for m in per.values()), 1) for k in ("rss", "pss", "uss")}
+    return {**tot, "processes": len(per), "per_process": per}
 
 
 def _cpu_seconds(pids: list[int]) -> float:

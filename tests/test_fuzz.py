@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 from core.candidates import SOURCE_BITS, Candidates
 from core.schema import Schema, TaskSpec
 from fusion.formula import FusionBounds, check_params, fused_log_score
-from retrieval.merge import merge_candidates
+from retrieval.merge import MergeModel, merge_candidates
 
 TOKEN = "fuzz-token"
 FUZZ_EXAMPLES = int(os.environ.get("FUNNEL_FUZZ_EXAMPLES", "50"))
@@ -180,8 +180,14 @@ def recall_parts(draw):
 @settings(max_examples=300, deadline=None)
 def test_merge_dedups_blocks_fills_and_ors_sources(parts, blocked, total, multi_hit, calibrated):
     blocked = np.unique(np.array(blocked, np.int64))
-    rates = [np.sort(np.random.default_rng(k).random(8))[::-1] if k % 2 == 0 else None for k in range(len(parts))] if calibrated else None
-    out = merge_candidates(parts, blocked, total, multi_hit, rates)
+    # learned mode: a model that knows the even parts (odd ones count only as extra paths)
+    names = [f"p{k}" for k in range(len(parts))]
+    known = names[::2]
+    model = MergeModel(
+        tuple(known), tuple(np.sort(np.random.default_rng(k).random(8))[::-1] for k in range(len(known))),
+        np.random.default_rng(len(parts)).normal(size=3 * len(known) + 2).astype(np.float32),
+    ) if calibrated else None
+    out = merge_candidates(parts, blocked, total, multi_hit, model, names)
     live = [(c, q) for c, q in parts if q > 0 and len(c)]
     eligible = set()
     for c, _ in live:
