@@ -212,7 +212,7 @@ def build_bundle(
             n_users=ds.n_users, n_items=ds.n_items,
             user_vocabs=[f.vocab for f in s.user_fields], item_vocabs=[f.vocab for f in s.item_fields],
             item_fields=ds.item_fields, row_user=ds.ev_user[rows], row_user_fields=ds.user_fields[ds.ev_user[rows]],
-            row_hist=tt_hist, row_item=ds.ev_item[rows], row_ts=ds.ev_ts[rows], dim=s.emb_dim, epochs=epochs_tt, seed=seed, hist_grad=hist_grad,
+            row_hist=tt_hist, row_item=ds.ev_item[rows], row_ts=ds.ev_ts[rows], item_dense=ds.item_dense, dim=s.emb_dim, epochs=epochs_tt, seed=seed, hist_grad=hist_grad,
             progress=lambda e, n, loss: progress.update(step, completed=e, note=f"loss {loss:.3f}"),
         )
         ut_sig = export_user_tower(tt.user_tower, len(s.user_fields), L, tmp / "user_tower.onnx")

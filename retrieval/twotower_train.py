@@ -95,33 +95,82 @@ def run_epochs(opt, n: int, batch_size: int, epochs: int, rng: np.random.Generat
     return last
 
 
+class ItemInput(nn.Module):
+    """An item's input vector: its id embedding plus, where the dataset has content vectors
+    (synthetic world: a noisy view of the item's latent factors), a linear projection of
+    them. Items with few interactions have barely trained id rows; the content term still
+    puts them near the items they resemble, for the item tower and in users' histories."""
+
+    def __init__(self, n_items: int, dim: int, item_dense: np.ndarray | None = None):
+        super().__init__()
+        # sparse: only the rows in a batch are updated (RowAdam), which keeps large catalogs cheap
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0, sparse=True)
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        self.content = None
+        if item_dense is not None and item_dense.shape[1] > 0:
+            dense = np.concatenate([np.zeros((1, item_dense.shape[1]), np.float32), np.asarray(item_dense, np.float32)])
+            self.register_buffer("dense", torch.from_numpy(dense), persistent=False)  # row 0 = padding
+            self.content = nn.Linear(item_dense.shape[1], dim, bias=False)
+
+    def forward(self, ids: torch.Tensor, id_grad: bool = True) -> torch.Tensor:
+        e = self.item_emb(ids) if id_grad else F.embedding(ids, self.item_emb.weight.detach(), padding_idx=0)
+        if self.content is not None:
+            e = e + self.content(self.dense[ids])
+        return e
+
+    @torch.no_grad()
+    def table(self) -> torch.Tensor:
+        """[I+1, dim]: every item's input vector (row 0 = padding, zero), for export."""
+        t = self.item_emb.weight.detach().clone()
+        if self.content is not None:
+            t += self.content(self.dense)
+        t[0] = 0.0
+        return t
+
+
 class UserTower(nn.Module):
-    def __init__(self, n_users: int, n_items: int, user_vocabs: list[int], dim: int, item_id_emb: nn.Embedding, hist_grad: bool = False):
+    def __init__(self, n_users: int, n_items: int, user_vocabs: list[int], dim: int, item_input: ItemInput, hist_grad: bool = False):
         super().__init__()
         self.hist_grad = hist_grad
         # sparse: only the rows in a batch are updated (RowAdam), which keeps large catalogs cheap
         self.user_emb = nn.Embedding(n_users + 1, dim, sparse=True)
         nn.init.normal_(self.user_emb.weight, std=0.05)
         self.fields = FieldEmbedding(user_vocabs, dim)
-        self.hist_emb = item_id_emb  # shared with the item tower: history moves the query
+        self.hist_input = item_input  # shared with the item tower: history moves the query
         self.mlp = nn.Sequential(nn.Linear(3 * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
 
     def forward(self, user_idx, user_fields, hist):
-        pooled = pooled_history(self.hist_emb, hist, self.hist_grad and self.training)
+        # Without history gradients the id rows are trained through the target side only (a
+        # step touches batch rows, not batch × history rows: fast on million-item tables).
+        pooled = masked_mean(self.hist_input(hist, id_grad=self.hist_grad and self.training), hist)
+        x = torch.cat([self.user_emb(user_idx), self.fields(user_fields), pooled], dim=1)
+        return F.normalize(self.mlp(x), dim=1)
+
+
+class _ExportUserTower(nn.Module):
+    """The user tower with its history input folded into one table (id embedding + content
+    projection precomputed per item), so the ONNX model holds a single [I+1, dim] table."""
+
+    def __init__(self, tower: UserTower):
+        super().__init__()
+        self.user_emb, self.fields, self.mlp = tower.user_emb, tower.fields, tower.mlp
+        self.hist_table = nn.Embedding.from_pretrained(tower.hist_input.table(), freeze=True, padding_idx=0)
+
+    def forward(self, user_idx, user_fields, hist):
+        pooled = masked_mean(self.hist_table(hist), hist)
         x = torch.cat([self.user_emb(user_idx), self.fields(user_fields), pooled], dim=1)
         return F.normalize(self.mlp(x), dim=1)
 
 
 class ItemTower(nn.Module):
-    def __init__(self, n_items: int, item_vocabs: list[int], dim: int):
+    def __init__(self, n_items: int, item_vocabs: list[int], dim: int, item_dense: np.ndarray | None = None):
         super().__init__()
-        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0, sparse=True)
-        nn.init.normal_(self.item_emb.weight, std=0.05)
+        self.input = ItemInput(n_items, dim, item_dense)
         self.fields = FieldEmbedding(item_vocabs, dim)
         self.mlp = nn.Sequential(nn.Linear(2 * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
 
     def forward(self, item_idx, item_fields):
-        x = torch.cat([self.item_emb(item_idx), self.fields(item_fields)], dim=1)
+        x = torch.cat([self.input(item_idx), self.fields(item_fields)], dim=1)
         return F.normalize(self.mlp(x), dim=1)
 
 
@@ -206,6 +255,7 @@ def train_two_tower(
     row_hist: np.ndarray,  # int64 [N, L] model ids (0 pad)
     row_item: np.ndarray,  # int64 [N] positive item index
     row_ts: np.ndarray | None = None,  # float [N] event time, for the streaming frequency estimate
+    item_dense: np.ndarray | None = None,  # float32 [I, Dc] item content vectors, if the dataset has them
     dim: int = 32,
     temperature: float = 0.05,
     epochs: int = 8,
@@ -218,11 +268,11 @@ def train_two_tower(
 ) -> TwoTowerResult:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    item_tower = ItemTower(n_items, item_vocabs, dim)
-    user_tower = UserTower(n_users, n_items, user_vocabs, dim, item_tower.item_emb, hist_grad)
-    sparse = [item_tower.item_emb.weight, user_tower.user_emb.weight]
+    item_tower = ItemTower(n_items, item_vocabs, dim, item_dense)
+    user_tower = UserTower(n_users, n_items, user_vocabs, dim, item_tower.input, hist_grad)
+    sparse = [item_tower.input.item_emb.weight, user_tower.user_emb.weight]
     dense = [p for p in list(item_tower.parameters()) + list(user_tower.parameters()) if all(p is not q for q in sparse)]
-    dense = list({id(p): p for p in dense}.values())  # hist_emb is item_emb: count it once
+    dense = list({id(p): p for p in dense}.values())  # the history input is the item input: count it once
     opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr), embedding_optimizer(sparse, lr))
     # log-q: streaming frequency estimate over the time-ordered positives
     order = np.argsort(row_ts if row_ts is not None else np.arange(len(row_item)), kind="stable")
@@ -275,13 +325,14 @@ def user_embeddings(tower: UserTower, user_idx, user_fields, hist, batch: int = 
 def export_user_tower(tower: UserTower, n_user_fields: int, history_len: int, path: Path) -> dict:
     """Export to ONNX with a dynamic batch axis; returns the signature for the manifest."""
     tower.eval()
+    export = _ExportUserTower(tower).eval()
     example = (
         torch.zeros(2, dtype=torch.int64),
         torch.zeros(2, n_user_fields, dtype=torch.int64),
         torch.zeros(2, history_len, dtype=torch.int64),
     )
     torch.onnx.export(
-        tower,
+        export,
         example,
         str(path),
         input_names=["user_idx", "user_fields", "hist"],

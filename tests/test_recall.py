@@ -161,3 +161,33 @@ def test_ivf_index_reaches_target_recall():
     index, params = build_index(x, q, k=100, exact_below=1000, ivf_from=5000)
     assert params["type"] == "ivf_flat" and index.nprobe == params["nprobe"]
     assert params["recall_at_k"] >= 0.95
+
+
+def test_two_tower_with_content_exports_one_history_table(tmp_path):
+    """Content vectors enter the item input; the exported user tower folds them into one
+    history table and gives the same query vectors as torch."""
+    import onnx
+
+    from core.bundle import onnx_session
+    from rank.features import user_tower_inputs
+    from retrieval.twotower_train import export_user_tower, train_two_tower, user_embeddings
+
+    rng = np.random.default_rng(0)
+    n_users, n_items, L = 40, 60, 5
+    dense = rng.normal(size=(n_items, 4)).astype(np.float32)
+    rows = 400
+    users = rng.integers(0, n_users, rows)
+    tt = train_two_tower(
+        n_users=n_users, n_items=n_items, user_vocabs=[3], item_vocabs=[4], item_fields=rng.integers(0, 4, (n_items, 1)),
+        row_user=users, row_user_fields=rng.integers(0, 3, (rows, 1)), row_hist=rng.integers(0, n_items + 1, (rows, L)),
+        row_item=rng.integers(0, n_items, rows), item_dense=dense, dim=8, epochs=1, batch_size=64,
+    )
+    assert tt.user_tower.hist_input.content is not None
+    path = tmp_path / "user_tower.onnx"
+    export_user_tower(tt.user_tower, 1, L, path)
+    inits = {i.name: tuple(i.dims) for i in onnx.load(str(path)).graph.initializer}
+    assert (n_items + 1, 8) in inits.values() and not any(d == (n_items + 1, 4) for d in inits.values())  # one folded table
+    uidx, uf, hist = np.arange(6), rng.integers(0, 3, (6, 1)), rng.integers(0, n_items + 1, (6, L))
+    hist[0] = 0  # empty history
+    (onnx_out,) = onnx_session(path).run(["user_emb"], user_tower_inputs(uidx, uf, hist))
+    assert np.allclose(onnx_out, user_embeddings(tt.user_tower, uidx, uf, hist), atol=1e-5)
