@@ -175,6 +175,8 @@ def loadtest_cmd(
     p99_ms: Annotated[float, typer.Option(help="step-load bound on recommend p99")] = 50.0,
     redis: Annotated[bool, typer.Option("--redis/--sqlite", help="state in a throwaway local redis-server instead of SQLite")] = False,
     warmup: Annotated[float, typer.Option(help="untimed locust warm-up before the measured run, s")] = 10.0,
+    recovery_users: Annotated[int, typer.Option(help="fixed mode: then this many users on the same server (does it recover at once?)")] = 0,
+    recovery_duration: Annotated[float, typer.Option(help="seconds of the recovery run")] = 30.0,
 ) -> None:
     """Start the server on 127.0.0.1 with W workers, run locust headless for a bounded time, write CSV + summary.json."""
     from loadtest.run import run_loadtest
@@ -182,7 +184,7 @@ def loadtest_cmd(
     steps = [int(x) for x in step_users.split(",")] if step_users else None
     summary = run_loadtest(bundle, out, workers=workers, users=users, spawn_rate=spawn_rate, duration=duration, think_min=think_min,
                            think_max=think_max, feedback=feedback, step_users=steps, p99_ms=p99_ms, redis=redis,
-                           warmup=warmup, show=lambda m: typer.echo(m, err=True))
+                           warmup=warmup, recovery_users=recovery_users, recovery_duration=recovery_duration, show=lambda m: typer.echo(m, err=True))
     brief = {k: summary.get(k) for k in ("workers", "users", "items", "rps", "recommend_rps", "error_rate", "max_rps_p99_ok")}
     brief["endpoints"] = {k: {m: v.get(m) for m in ("rps", "p50_ms", "p95_ms", "p99_ms", "failures")} for k, v in summary.get("endpoints", {}).items()}
     brief["server_pss_mb"] = summary.get("server_memory_mb", {}).get("pss")

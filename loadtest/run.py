@@ -202,11 +202,14 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
     rec, agg = eps.get("recommend", {}), eps.get("aggregated", {})
     total = agg.get("requests", 0)
     errors = agg.get("failures", 0)
+    # `<endpoint> shed` rows: 503 + Retry-After (see locustfile._fail); everything else failing is a real error
+    shed = sum(v["requests"] for k, v in eps.items() if k.endswith(" shed"))
     return {
         "users": users, "duration_s": duration, "wall_s": round(wall, 1), "locust_exit": code,
         "endpoints": {k: v for k, v in eps.items() if k != "aggregated"},
         "rps": agg.get("rps"), "recommend_rps": rec.get("rps"), "recommend_p99_ms": rec.get("p99_ms"),
-        "errors": errors, "error_rate": round(errors / total, 6) if total else None, "failures": _failures(out / prefix),
+        "errors": errors, "error_rate": round(errors / total, 6) if total else None,
+        "shed_503_retry_after": shed, "errors_not_shed": errors - shed, "failures": _failures(out / prefix),
         "locust_cpu_s": round(locust_cpu, 1), "server_cpu_s": round(server_cpu, 1),
         "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
@@ -216,7 +219,7 @@ def run_loadtest(
     bundle: Path, out: Path, *, workers: int = 2, users: int = 100, spawn_rate: float = 50.0, duration: float = 60.0,
     think_min: float = 0.5, think_max: float = 1.5, feedback: float = 1.0, cold: float = 0.02, seed: int = 0,
     step_users: list[int] | None = None, p99_ms: float = 50.0, ready_timeout: float = 300.0, server_env: dict | None = None,
-    redis: bool = False, warmup: float = 10.0, show=print,
+    redis: bool = False, warmup: float = 10.0, recovery_users: int = 0, recovery_duration: float = 30.0, show=print,
 ) -> dict:
     bundle, out = Path(bundle).resolve(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +247,8 @@ def run_loadtest(
         summary["server_memory_idle_mb"] = _mem_brief(tree_memory_mb(proc.pid))
         show(f"server ready ({workers} worker(s)) in {summary['server_ready_s']} s on {HOST}:{port}")
         if warmup > 0:  # untimed: first onnxruntime runs, page faults into the mapped bundle, connections
-            w = one_run(port, max(step_users or [users]), spawn_rate, warmup, out, "warmup", bundle, lt_env, proc.pid)
+            # at the first step's load: warming up at the largest would start the steps on a backlog
+            w = one_run(port, (step_users or [users])[0], spawn_rate, warmup, out, "warmup", bundle, lt_env, proc.pid)
             summary["warmup"] = {"duration_s": warmup, "users": w["users"], "recommend_rps": w["recommend_rps"], "errors": w["errors"]}
             show(f"warm-up {warmup:.0f} s: {w['recommend_rps']} recommend rps, errors {w['errors']}")
         if step_users:
@@ -266,6 +270,10 @@ def run_loadtest(
         else:
             r = one_run(port, users, spawn_rate, duration, out, "locust", bundle, lt_env, proc.pid)
             summary.update(mode="fixed", **r)
+            if recovery_users:  # the same server right after: does it recover at once when load drops?
+                rec = one_run(port, recovery_users, max(spawn_rate, recovery_users), recovery_duration, out, "recovery", bundle, lt_env, proc.pid)
+                summary["recovery"] = rec
+                show(f"recovery {recovery_users} users: recommend {rec['recommend_rps']} rps, p99 {rec['recommend_p99_ms']} ms, errors {rec['errors']}")
         summary["server_memory_mb"] = tree_memory_mb(proc.pid)
     finally:
         stop_server(proc)
