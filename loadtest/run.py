@@ -254,7 +254,7 @@ def run_loadtest(
         if step_users:
             steps = []
             for u in step_users:
-                r = one_run(port, u, max(spawn_rate, u), duration, out, f"step_{u:04d}", bundle, lt_env, proc.pid)
+                r = one_run(port, u, spawn_rate, duration, out, f"step_{u:04d}", bundle, lt_env, proc.pid)
                 ok = r["errors"] == 0 and r["recommend_p99_ms"] is not None and r["recommend_p99_ms"] <= p99_ms
                 r["within_bounds"] = ok
                 steps.append(r)
@@ -271,7 +271,7 @@ def run_loadtest(
             r = one_run(port, users, spawn_rate, duration, out, "locust", bundle, lt_env, proc.pid)
             summary.update(mode="fixed", **r)
             if recovery_users:  # the same server right after: does it recover at once when load drops?
-                rec = one_run(port, recovery_users, max(spawn_rate, recovery_users), recovery_duration, out, "recovery", bundle, lt_env, proc.pid)
+                rec = one_run(port, recovery_users, spawn_rate, recovery_duration, out, "recovery", bundle, lt_env, proc.pid)
                 summary["recovery"] = rec
                 show(f"recovery {recovery_users} users: recommend {rec['recommend_rps']} rps, p99 {rec['recommend_p99_ms']} ms, errors {rec['errors']}")
         summary["server_memory_mb"] = tree_memory_mb(proc.pid)
