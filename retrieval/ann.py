@@ -48,7 +48,7 @@ def build_index(
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x[rng.choice(n, min(n, 64 * nlist), replace=False)])
         index.add(x)
-        for nprobe in (8, 16, 24, 32, 48, 64, 96, 128, 256):
+        for nprobe in (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512):
             index.nprobe = nprobe
             tried[nprobe] = round(index_recall(index, exact, q, k), 4)
             if tried[nprobe] >= target:
