@@ -5,6 +5,7 @@ of the feedback stream; and bundle reloads (validate fully, warm up, then swap).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,12 @@ class AppState:
             self.loaded_at = time.time()
         self.metrics.set_bundle(bundle.version, bundle.schema.dataset, bundle.n_items)
         self.metrics.ready.set(1)
+        # The loaded objects live as long as the bundle: move them out of the collector's reach.
+        # Otherwise every full collection walks them all (~30 ms with the GIL held at 1M items,
+        # once every few dozen requests: the p99). unfreeze first so a replaced bundle is freed.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
         log.info("serving bundle %s (%s, %d items)", bundle.version, bundle.schema.dataset, bundle.n_items)
 
     def _recall_error(self, source: str, exc: Exception) -> None:

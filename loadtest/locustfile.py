@@ -21,6 +21,7 @@ import os
 import threading
 from pathlib import Path
 
+import gevent
 import numpy as np
 from locust import FastHttpUser, between, events, task
 
@@ -104,6 +105,10 @@ class FeedUser(FastHttpUser):
         self.feedback_share = _env("FUNNEL_LT_FEEDBACK", 1.0)
         self.cold_share = _env("FUNNEL_LT_COLD", 0.02)
         self.count = int(_env("FUNNEL_LT_COUNT", 20))
+        # Arrive at a random point of one think time, as independent users do: users spawned in
+        # the same second would otherwise send their first feeds together, a burst that queues
+        # behind one compute thread per worker and lands in the p99 of every short run.
+        gevent.sleep(self.rng.uniform(0.0, _env("FUNNEL_LT_THINK_MAX", 1.5)))
 
     def _user(self) -> tuple[str, int | None]:
         if self.rng.random() < self.cold_share:
