@@ -117,7 +117,8 @@ class Pipeline:
                 path_budget_s=s.recall_path_budget_ms / 1e3, stage_budget_s=s.recall_budget_ms / 1e3,
             ),
             TwoTowerPrerank(bundle.item_emb, s.prerank_a_keep),
-            MultiTaskRankerStage(bundle.ranker, table, schema.history_len, len(schema.tasks)),
+            MultiTaskRankerStage(bundle.ranker, table, schema.history_len, len(schema.tasks),
+                                 user_broadcast=bool(bundle.manifest.get("models", {}).get("ranker", {}).get("user_broadcast", False))),
             MultiplicativeFusion(schema, self.fusion_params),
             make_reranker(schema, bundle.item_fields, s),  # rerank_mode: beam | greedy | sort
         ]

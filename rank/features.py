@@ -37,23 +37,26 @@ def model_history(hist: np.ndarray) -> np.ndarray:
 
 def ranker_inputs(
     table: ItemTable,
-    user_idx: np.ndarray,  # int64 [N] user index, -1 unknown
-    user_fields: np.ndarray,  # int64 [N, Fu]
-    hist_ids: np.ndarray,  # int64 [N, L] model ids (0 = pad)
+    user_idx: np.ndarray,  # int64 [M] user index, -1 unknown
+    user_fields: np.ndarray,  # int64 [M, Fu]
+    hist_ids: np.ndarray,  # int64 [M, L] model ids (0 = pad)
     items: np.ndarray,  # int64 [N] item indices
 ) -> dict[str, np.ndarray]:
-    """The ranker's ONNX feed for N (user, item) rows."""
+    """The ranker's ONNX feed for N (user, item) rows. M = N (a user per row: training,
+    evaluation) or M = 1 (one user for every item: serving); the user-side inputs keep
+    their M rows and the per-item features broadcast over them."""
     items = np.asarray(items, np.int64)
     hist_ids = np.asarray(hist_ids, np.int64)
     valid = hist_ids > 0
-    n_hist = valid.sum(axis=1)
+    n_hist = valid.sum(axis=1)  # [M]
     if table.category_col is not None:
         cats = table.item_fields[:, table.category_col]
-        hist_cat = np.where(valid, cats[np.maximum(hist_ids - 1, 0)], -1)
+        hist_cat = np.where(valid, cats[np.maximum(hist_ids - 1, 0)], -1)  # [M, L]
         match = (hist_cat == cats[items][:, None]).sum(axis=1) / np.maximum(n_hist, 1)
     else:
         match = np.zeros(len(items))
-    dense = np.stack([table.item_pop[items], np.log1p(n_hist), match], axis=1).astype(np.float32)
+    n = len(items)
+    dense = np.stack([table.item_pop[items], np.broadcast_to(np.log1p(n_hist), (n,)), np.broadcast_to(match, (n,))], axis=1).astype(np.float32)
     return {
         "user_idx": np.ascontiguousarray(np.asarray(user_idx, np.int64) + 1),
         "user_fields": np.ascontiguousarray(user_fields, dtype=np.int64),

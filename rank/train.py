@@ -40,10 +40,15 @@ class MultiTaskRanker(nn.Module):
         self.heads = nn.Linear(d, n_tasks)
 
     def logits(self, user_idx, user_fields, hist, item_idx, item_fields, dense):
-        u = self.user_emb(user_idx)
+        # User-side inputs have one row per item row (training, evaluation) or a single row
+        # shared by all items (serving one user): the user side is embedded and the history
+        # pooled once, then broadcast, instead of gathering candidates × history rows.
+        n = item_idx.shape[0]
         i = self.item_emb(item_idx)
-        h = pooled_history(self.item_emb, hist, self.hist_grad and self.training)
-        x = torch.cat([u, self.user_fields(user_fields), i, self.item_fields(item_fields), h, i * h, dense], dim=1)
+        u = self.user_emb(user_idx).expand(n, -1)
+        uf = self.user_fields(user_fields).expand(n, -1)
+        h = pooled_history(self.item_emb, hist, self.hist_grad and self.training).expand(n, -1)
+        x = torch.cat([u, uf, i, self.item_fields(item_fields), h, i * h, dense], dim=1)
         return self.heads(self.bottom(x))
 
     def forward(self, user_idx, user_fields, hist, item_idx, item_fields, dense):
@@ -51,6 +56,7 @@ class MultiTaskRanker(nn.Module):
 
 
 INPUT_NAMES = ["user_idx", "user_fields", "hist", "item_idx", "item_fields", "dense"]
+USER_INPUTS = ("user_idx", "user_fields", "hist")  # batch 1 (one user, broadcast) or one row per item
 
 
 @dataclass
@@ -126,7 +132,7 @@ def export_ranker(model: MultiTaskRanker, n_user_fields: int, n_item_fields: int
         str(path),
         input_names=INPUT_NAMES,
         output_names=["probs"],
-        dynamic_axes={k: {0: "batch"} for k in INPUT_NAMES + ["probs"]},
+        dynamic_axes={k: {0: "user_batch" if k in USER_INPUTS else "batch"} for k in INPUT_NAMES + ["probs"]},
         opset_version=17,
         dynamo=False,
     )
@@ -140,4 +146,5 @@ def export_ranker(model: MultiTaskRanker, n_user_fields: int, n_item_fields: int
             "dense": [None, len(DENSE_FEATURES)],
         },
         "outputs": {"probs": [None, model.heads.out_features]},
+        "user_broadcast": True,  # user inputs may have batch 1 (rank/ranker.py feeds them so)
     }

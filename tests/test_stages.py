@@ -163,3 +163,21 @@ def test_merge_puts_multi_path_items_first():
     assert out.item.tolist()[:4] == [1, 9, 2, 4]
     plain = merge_candidates([(a, 4), (g, 3)], np.zeros(0, np.int64), total=7, multi_hit=0.0)
     assert plain.item.tolist().index(4) > plain.item.tolist().index(8)
+
+
+def test_ranker_user_side_once_equals_per_row(pipeline):
+    """The served ranker embeds the user and pools the history once (batch-1 user inputs);
+    the per-row feed of training and evaluation must give the same probabilities."""
+    from rank.features import pad_history, ranker_inputs
+
+    stage = next(s for s in pipeline.stages if s.name == "rank")
+    assert stage.user_broadcast, "bundles built now export the broadcasting ranker"
+    ctx = _prepared(pipeline)
+    cands = pipeline.stages[1](ctx, Candidates.empty()).top(60)
+    served = stage(ctx, cands)
+    n = len(cands)
+    hist = pad_history(ctx.history, stage.history_len)
+    feeds = ranker_inputs(stage.table, np.full(n, ctx.user_idx, np.int64), np.tile(ctx.user_fields, (n, 1)), np.tile(hist, (n, 1)), cands.item)
+    (per_row,) = stage.session.run(["probs"], feeds)
+    np.testing.assert_allclose(served.heads, per_row, rtol=1e-5, atol=1e-6)
+    assert served.heads.shape == (n, stage.n_tasks)
