@@ -80,12 +80,18 @@ def train_ranker(
     weight_decay: float = 1e-6,
     seed: int = 0,
     hist_grad: bool = False,
+    extra_rows=None,
+    extra_per_row: int = 0,
     progress=None,
 ) -> RankerResult:
+    """`extra_rows(idx)`, if given, returns (feeds, labels) of `extra_per_row` more rows per
+    row in `idx` (e.g. sampled negatives), drawn afresh for each batch and trained with it:
+    no [N × extra, history] arrays in memory. The default batch size then counts them."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n, t = labels.shape
-    batch_size = batch_size or int(np.clip(n // 300, 256, 2048))
+    per_row = 1 + (extra_per_row if extra_rows is not None else 0)
+    batch_size = batch_size or max(1, int(np.clip(n * per_row // 300, 256, 2048)) // per_row)
     model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t, hist_grad=hist_grad)
     sparse = [model.user_emb.weight, model.item_emb.weight]
     dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
@@ -96,10 +102,16 @@ def train_ranker(
     m = torch.from_numpy(mask.astype(np.float32))
     w = torch.from_numpy(np.ones(t, np.float32) if task_weights is None else task_weights.astype(np.float32))
     def batch_loss(b):
-        z = model.logits(*(x[b] for x in tensors))
-        per = F.binary_cross_entropy_with_logits(z, y[b], reduction="none") * m[b]
+        xs, yb, mb = [x[b] for x in tensors], y[b], m[b]
+        if extra_rows is not None:
+            f, lab = extra_rows(b.numpy())
+            xs = [torch.cat([x, torch.from_numpy(np.ascontiguousarray(f[k]))]) for x, k in zip(xs, INPUT_NAMES)]
+            yb = torch.cat([yb, torch.from_numpy(np.nan_to_num(lab, nan=0.0).astype(np.float32))])
+            mb = torch.cat([mb, torch.from_numpy((~np.isnan(lab)).astype(np.float32))])
+        z = model.logits(*xs)
+        per = F.binary_cross_entropy_with_logits(z, yb, reduction="none") * mb
         # Per-task mean over the rows where the task's label is defined, then weighted sum.
-        return ((per.sum(0) / m[b].sum(0).clamp(min=1.0)) * w).sum()
+        return ((per.sum(0) / mb.sum(0).clamp(min=1.0)) * w).sum()
 
     model.train()
     last = run_epochs(opt, n, batch_size, epochs, rng, batch_loss, progress)
