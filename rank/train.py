@@ -63,6 +63,8 @@ USER_INPUTS = ("user_idx", "user_fields", "hist")  # batch 1 (one user, broadcas
 class RankerResult:
     model: MultiTaskRanker
     train_loss: float
+    best_epoch: int = 0  # the epoch whose weights were kept (early stopping)
+    val_loss: list[float] | None = None  # validation loss per epoch
 
 
 def train_ranker(
@@ -82,6 +84,8 @@ def train_ranker(
     hist_grad: bool = False,
     extra_rows=None,
     extra_per_row: int = 0,
+    val_frac: float = 0.05,
+    patience: int = 1,
     progress=None,
 ) -> RankerResult:
     """`extra_rows(idx)`, if given, returns (feeds, labels) of `extra_per_row` more rows per
@@ -113,10 +117,42 @@ def train_ranker(
         # Per-task mean over the rows where the task's label is defined, then weighted sum.
         return ((per.sum(0) / mb.sum(0).clamp(min=1.0)) * w).sum()
 
+    # Early stopping on a validation slice of the training rows (never the evaluation split):
+    # the ranker overfits its id embeddings within a few epochs (100k world: held-out click AUC
+    # 0.713 after 1 epoch, 0.703 after 3, 0.696 after 5, and its exhaustive top-20 drifts into
+    # the tail), so the weights of the epoch with the lowest validation loss are kept.
+    order = rng.permutation(n)
+    n_val = int(n * val_frac) if n * val_frac >= 1000 else 0
+    val, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
+    best = {"loss": float("inf"), "epoch": 0, "state": None}
+    history: list[float] = []
+
+    def after_epoch(ep: int) -> bool:
+        if not n_val:
+            return False
+        model.eval()
+        with torch.no_grad():
+            tot = torch.zeros(t)
+            cnt = torch.zeros(t)
+            for s in range(0, n_val, 16384):
+                b = torch.from_numpy(val[s : s + 16384])
+                z = model.logits(*(x[b] for x in tensors))
+                tot += (F.binary_cross_entropy_with_logits(z, y[b], reduction="none") * m[b]).sum(0)
+                cnt += m[b].sum(0)
+            loss = float(((tot / cnt.clamp(min=1.0)) * w).sum())
+        model.train()
+        history.append(round(loss, 5))
+        if loss < best["loss"]:
+            best.update(loss=loss, epoch=ep, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            return False
+        return ep - best["epoch"] >= patience
+
     model.train()
-    last = run_epochs(opt, n, batch_size, epochs, rng, batch_loss, progress)
+    last = run_epochs(opt, len(train_rows), batch_size, epochs, rng, batch_loss, progress, rows=train_rows, after_epoch=after_epoch)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
     model.eval()
-    return RankerResult(model, last)
+    return RankerResult(model, last, best_epoch=best["epoch"] or epochs, val_loss=history)
 
 
 def predict(model: MultiTaskRanker, feeds: dict[str, np.ndarray], batch: int = 16384) -> np.ndarray:

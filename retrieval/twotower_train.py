@@ -75,12 +75,15 @@ def streaming_frequency(item: np.ndarray, step: np.ndarray, n_items: int, alpha:
     return p
 
 
-def run_epochs(opt, n: int, batch_size: int, epochs: int, rng: np.random.Generator, batch_loss, progress=None) -> float:
+def run_epochs(opt, n: int, batch_size: int, epochs: int, rng: np.random.Generator, batch_loss, progress=None,
+               rows: np.ndarray | None = None, after_epoch=None) -> float:
     """Shuffled minibatch epochs: `batch_loss(idx)` returns the loss of one batch of row
-    indices; returns the last epoch's mean loss. Shared by every offline trainer."""
+    indices (of `rows`, default all n); returns the last epoch's mean loss. `after_epoch(ep)`
+    returning True stops early. Shared by every offline trainer."""
     last = 0.0
     for ep in range(epochs):
-        perm = torch.from_numpy(rng.permutation(n))
+        perm = torch.from_numpy(rng.permutation(n) if rows is None else rng.permutation(rows))
+        n = len(perm)
         total, steps = 0.0, 0
         for s in range(0, n, batch_size):
             loss = batch_loss(perm[s : s + batch_size])
@@ -92,6 +95,8 @@ def run_epochs(opt, n: int, batch_size: int, epochs: int, rng: np.random.Generat
         last = total / max(steps, 1)
         if progress is not None:
             progress(ep + 1, epochs, last)
+        if after_epoch is not None and after_epoch(ep + 1):
+            break
     return last
 
 
