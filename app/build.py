@@ -308,7 +308,7 @@ def build_bundle(
         probs = predict(rk.model, ranker_inputs(table, te_u, ds.user_fields[te_u], te_h, te_i))
         metrics["ranker_heldout"] = head_metrics(s, te_y, probs)
         metrics["ranker_train_loss"] = round(rk.train_loss, 4)
-        metrics["ranker_training"] = {"max_epochs": epochs_rank, "best_epoch": rk.best_epoch, "val_loss": rk.val_loss,
+        metrics["ranker_training"] = {"max_epochs": epochs_rank, "best_epoch": rk.best_epoch, "val_click_auc": rk.val_auc,
                                       "rows": int(len(tr_u)), "catalog_negatives_per_row": n_extra}
 
         # 6. catalog and users

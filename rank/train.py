@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.offline_metrics import auc
 from rank.features import DENSE_FEATURES
 from retrieval.twotower_train import FieldEmbedding, MultiOptimizer, embedding_optimizer, pooled_history, run_epochs
 
@@ -64,7 +65,7 @@ class RankerResult:
     model: MultiTaskRanker
     train_loss: float
     best_epoch: int = 0  # the epoch whose weights were kept (early stopping)
-    val_loss: list[float] | None = None  # validation loss per epoch
+    val_auc: list[float] | None = None  # validation click AUC per epoch
 
 
 def train_ranker(
@@ -117,33 +118,31 @@ def train_ranker(
         # Per-task mean over the rows where the task's label is defined, then weighted sum.
         return ((per.sum(0) / mb.sum(0).clamp(min=1.0)) * w).sum()
 
-    # Early stopping on a validation slice of the training rows (never the evaluation split):
-    # the ranker overfits its id embeddings within a few epochs (100k world: held-out click AUC
+    # Early stopping on a validation slice of the training rows (never the evaluation split),
+    # by the first task's (click) AUC, the order the funnel ranks by: on logged impressions the
+    # ranker overfits its id embeddings within a few epochs (100k world: held-out click AUC
     # 0.713 after 1 epoch, 0.703 after 3, 0.696 after 5, and its exhaustive top-20 drifts into
-    # the tail), so the weights of the epoch with the lowest validation loss are kept.
+    # the tail), so the weights of the best validation epoch are kept. (Validation log-loss
+    # stopped ml-100k at epoch 4 of 6 and cost 0.027 of pipeline recall@20: AUC is the target.)
     order = rng.permutation(n)
     n_val = int(n * val_frac) if n * val_frac >= 1000 else 0
     val, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
-    best = {"loss": float("inf"), "epoch": 0, "state": None}
+    val_click = m[val, 0].numpy() > 0 if n_val else None
+    best = {"auc": -1.0, "epoch": 0, "state": None}
     history: list[float] = []
 
     def after_epoch(ep: int) -> bool:
-        if not n_val:
+        if not n_val or val_click.sum() == 0:
             return False
         model.eval()
         with torch.no_grad():
-            tot = torch.zeros(t)
-            cnt = torch.zeros(t)
-            for s in range(0, n_val, 16384):
-                b = torch.from_numpy(val[s : s + 16384])
-                z = model.logits(*(x[b] for x in tensors))
-                tot += (F.binary_cross_entropy_with_logits(z, y[b], reduction="none") * m[b]).sum(0)
-                cnt += m[b].sum(0)
-            loss = float(((tot / cnt.clamp(min=1.0)) * w).sum())
+            z = torch.cat([model.logits(*(x[torch.from_numpy(val[s : s + 16384])] for x in tensors))[:, 0]
+                           for s in range(0, n_val, 16384)]).numpy()
         model.train()
-        history.append(round(loss, 5))
-        if loss < best["loss"]:
-            best.update(loss=loss, epoch=ep, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        score = auc(y[val, 0].numpy()[val_click], z[val_click])
+        history.append(round(score, 5))
+        if score > best["auc"]:
+            best.update(auc=score, epoch=ep, state={k: v.detach().clone() for k, v in model.state_dict().items()})
             return False
         return ep - best["epoch"] >= patience
 
@@ -152,7 +151,7 @@ def train_ranker(
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
-    return RankerResult(model, last, best_epoch=best["epoch"] or epochs, val_loss=history)
+    return RankerResult(model, last, best_epoch=best["epoch"] or epochs, val_auc=history)
 
 
 def predict(model: MultiTaskRanker, feeds: dict[str, np.ndarray], batch: int = 16384) -> np.ndarray:

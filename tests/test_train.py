@@ -20,8 +20,8 @@ def _rows(n, n_users, n_items, rng):
 
 
 def test_ranker_stops_at_its_best_validation_epoch_on_labels_it_can_only_memorise():
-    """Pure-noise labels: anything learned beyond the base rate is memorisation, so the
-    validation loss rises after the first epochs; training must stop and keep the best epoch."""
+    """Pure-noise labels: nothing generalises, so the validation click AUC stops improving at
+    once; training must stop one epoch after its best and keep that epoch's weights."""
     rng = np.random.default_rng(0)
     n, n_users, n_items = 40_000, 300, 400
     feeds = _rows(n, n_users, n_items, rng)
@@ -29,9 +29,9 @@ def test_ranker_stops_at_its_best_validation_epoch_on_labels_it_can_only_memoris
     labels[rng.random(n) < 0.5, 1] = np.nan  # a masked second task
     res = train_ranker(feeds, labels, n_users=n_users, n_items=n_items, user_vocabs=[3, 3], item_vocabs=[4, 4],
                        epochs=12, lr=1e-2, seed=0)
-    assert res.val_loss and len(res.val_loss) < 12, "training ran every epoch despite a rising validation loss"
-    assert res.best_epoch == int(np.argmin(res.val_loss)) + 1
-    assert len(res.val_loss) - res.best_epoch == 1  # patience 1: one epoch past the best
+    assert res.val_auc and len(res.val_auc) < 12, "training ran every epoch without improving on validation"
+    assert res.best_epoch == int(np.argmax(res.val_auc)) + 1
+    assert len(res.val_auc) - res.best_epoch == 1  # patience 1: one epoch past the best
     # the kept weights are the best epoch's: near the base rate, not the memorised last epoch
     p = predict(res.model, _rows(5000, n_users, n_items, np.random.default_rng(1)))
     assert abs(float(p[:, 0].mean()) - 0.3) < 0.05
