@@ -127,19 +127,19 @@ def train_ranker(
     order = rng.permutation(n)
     n_val = int(n * val_frac) if n * val_frac >= 1000 else 0
     val, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
-    val_click = m[val, 0].numpy() > 0 if n_val else None
+    # The validation rows where click is labelled, sliced once: their feeds and click labels.
+    val_rows = val[mask[val, 0]]
+    val_feeds = {k: feeds[k][val_rows] for k in INPUT_NAMES}
+    val_clicks = labels[val_rows, 0]
     best = {"auc": -1.0, "epoch": 0, "state": None}
     history: list[float] = []
 
     def after_epoch(ep: int) -> bool:
-        if not n_val or val_click.sum() == 0:
+        if len(val_rows) == 0:
             return False
         model.eval()
-        with torch.no_grad():
-            z = torch.cat([model.logits(*(x[torch.from_numpy(val[s : s + 16384])] for x in tensors))[:, 0]
-                           for s in range(0, n_val, 16384)]).numpy()
+        score = auc(val_clicks, predict(model, val_feeds)[:, 0])
         model.train()
-        score = auc(y[val, 0].numpy()[val_click], z[val_click])
         history.append(round(score, 5))
         if score > best["auc"]:
             best.update(auc=score, epoch=ep, state={k: v.detach().clone() for k, v in model.state_dict().items()})

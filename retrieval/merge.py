@@ -89,23 +89,24 @@ class _Union:
 
 
 def union_of(parts: list[tuple[Candidates, int]], blocked: np.ndarray) -> _Union | None:
-    kept = [(n, c) for n, (c, quota) in enumerate(parts) if len(c) and quota > 0]
+    kept = [(n, c, quota) for n, (c, quota) in enumerate(parts) if len(c) and quota > 0]
     if not kept:
         return None
     # Blocked items removed from all parts in one membership test (one sort, not one per part).
-    ok = ~np.isin(np.concatenate([c.item for _, c in kept]), blocked) if len(blocked) else None
+    ok = ~np.isin(np.concatenate([c.item for _, c, _ in kept]), blocked) if len(blocked) else None
     items, bits, ranks, part_of, quotas = [], [], [], [], []
     start = 0
-    for n, c in kept:
+    for n, c, quota in kept:
         if ok is not None:
-            c = c.take(np.flatnonzero(ok[start : start + len(c)]))
-            start += len(parts[n][0])
+            keep = ok[start : start + len(c)]
+            start += len(c)
+            c = c.take(np.flatnonzero(keep))
         c = c.top(len(c))
         items.append(c.item)
         bits.append(c.source)
         ranks.append(np.arange(len(c), dtype=np.int64))
         part_of.append(np.full(len(c), n, np.int64))
-        quotas.append(np.full(len(c), parts[n][1], np.int64))
+        quotas.append(np.full(len(c), quota, np.int64))
     item = np.concatenate(items)
     if len(item) == 0:
         return None

@@ -78,14 +78,13 @@ def streaming_frequency(item: np.ndarray, step: np.ndarray, n_items: int, alpha:
 def run_epochs(opt, n: int, batch_size: int, epochs: int, rng: np.random.Generator, batch_loss, progress=None,
                rows: np.ndarray | None = None, after_epoch=None) -> float:
     """Shuffled minibatch epochs: `batch_loss(idx)` returns the loss of one batch of row
-    indices (of `rows`, default all n); returns the last epoch's mean loss. `after_epoch(ep)`
-    returning True stops early. Shared by every offline trainer."""
+    indices (of `rows` if given, else of range(n)); returns the last epoch's mean loss.
+    `after_epoch(ep)` returning True stops early. Shared by every offline trainer."""
     last = 0.0
     for ep in range(epochs):
-        perm = torch.from_numpy(rng.permutation(n) if rows is None else rng.permutation(rows))
-        n = len(perm)
+        perm = torch.from_numpy(rng.permutation(n if rows is None else rows))
         total, steps = 0.0, 0
-        for s in range(0, n, batch_size):
+        for s in range(0, len(perm), batch_size):
             loss = batch_loss(perm[s : s + batch_size])
             opt.zero_grad()
             loss.backward()
