@@ -144,6 +144,36 @@ def head_metrics(schema: Schema, labels: np.ndarray, probs: np.ndarray) -> dict:
     return out
 
 
+def train_prerank_rows(teacher, ds: Dataset, table: ItemTable, train_pos: np.ndarray, feeds: dict, labels: np.ndarray,
+                       users: np.ndarray, queries: np.ndarray, item_emb: np.ndarray, soft: bool, seed: int, max_rows: int,
+                       pool: int, epochs: int, progress=None):
+    """Stage B's training rows and training: up to `max_rows` of the ranker's own training rows
+    (hard labels) plus, for `users`, the two-tower's top `pool` items after their training
+    history (no labels: stage B scores recall's survivors, which impressions rarely cover).
+    With `soft`, every row also carries the ranker's probabilities as soft targets."""
+    from prerank.train import train_prerank
+    from rank.train import INPUT_NAMES, predict
+
+    rng = np.random.default_rng(seed + 3)
+    keep = cap_rows(np.arange(len(labels)), max_rows, rng)
+    top = hard_negative_pool(queries, item_emb, pool)  # [U, pool]
+    hist = last_train_history(ds, train_pos, users)
+    ru = np.repeat(users, top.shape[1])
+    rec = ranker_inputs(table, ru, ds.user_fields[ru], np.repeat(hist, top.shape[1], axis=0), top.ravel())
+    all_feeds = {k: np.concatenate([feeds[k][keep], rec[k]]) for k in INPUT_NAMES}
+    y = np.concatenate([labels[keep], np.full((len(ru), labels.shape[1]), np.nan, np.float32)])
+    if not soft:  # hard labels only: the recall rows carry nothing
+        all_feeds = {k: v[: len(keep)] for k, v in all_feeds.items()}
+        y = y[: len(keep)]
+    teacher_p = predict(teacher, all_feeds) if soft else None
+    s = ds.schema
+    res = train_prerank(
+        all_feeds, y, teacher_p, n_users=ds.n_users, n_items=ds.n_items, user_vocabs=[f.vocab for f in s.user_fields],
+        item_vocabs=[f.vocab for f in s.item_fields], teacher=teacher, epochs=epochs, seed=seed, progress=progress,
+    )
+    return res, {"logged": int(len(keep)), "recall_sampled": int(len(ru)) if soft else 0}
+
+
 def user_queries(tower, ds: Dataset, train_pos: np.ndarray, users: np.ndarray) -> np.ndarray:
     """Query vectors of `users` after their training history (what serving would compute)."""
     from retrieval.twotower_train import user_embeddings
@@ -166,7 +196,8 @@ def build_bundle(
     seed: int = 0, version: str | None = None, ann_k: int = 400, itemcf: str = "swing",
     max_rank_rows: int = 3_000_000, max_eval_rows: int = 500_000, max_tt_rows: int = 5_000_000,
     max_tt_samples: int = 20_000_000, max_rank_samples: int = 9_000_000, n_catalog_neg: int = 2,
-    hist_grad: bool | None = None, calibrate: bool | None = None,
+    hist_grad: bool | None = None, calibrate: bool | None = None, prerank: bool = True, prerank_hard_baseline: bool = False,
+    max_prerank_rows: int = 1_500_000, prerank_users: int = 1000, prerank_pool: int = 500, epochs_prerank: int = 2,
 ) -> dict:
     import torch
 
@@ -200,7 +231,7 @@ def build_bundle(
             ds_val, source, calib_dir, epochs_tt=epochs_tt, epochs_rank=epochs_rank, n_neg=n_neg, n_hard=n_hard, seed=seed,
             ann_k=ann_k, itemcf=itemcf, max_rank_rows=max_rank_rows, max_eval_rows=max_eval_rows, max_tt_rows=max_tt_rows,
             max_tt_samples=max_tt_samples, max_rank_samples=max_rank_samples, n_catalog_neg=n_catalog_neg, hist_grad=hist_grad,
-            calibrate=False,
+            calibrate=False, prerank=False,
         )
         merge_calibration = calibrate_merge(calib_dir, ds_val, seed=seed)
         shutil.rmtree(calib_dir, ignore_errors=True)
@@ -310,6 +341,28 @@ def build_bundle(
         metrics["ranker_train_loss"] = round(rk.train_loss, 4)
         metrics["ranker_training"] = {"max_epochs": epochs_rank, "best_epoch": rk.best_epoch, "val_click_auc": rk.val_auc,
                                       "rows": int(len(tr_u)), "catalog_negatives_per_row": n_extra}
+        models = {"user_tower": ut_sig, "ranker": rk_sig}
+
+        # 5b. pre-rank stage B, distilled from the ranker
+        if prerank:
+            from prerank.train import export_prerank
+
+            step = progress.add_task("prerank B", total=epochs_prerank, note="")
+            pick = np.sort(rng.choice(len(pool_users), min(len(pool_users), prerank_users), replace=False))
+            pr_users, pr_q = pool_users[pick], queries[pick]
+            pr_fit = lambda soft, tag: train_prerank_rows(  # noqa: E731
+                rk.model, ds, table, train_pos, feeds, tr_y, pr_users, pr_q, tt.item_emb, soft, seed, max_prerank_rows,
+                prerank_pool, epochs_prerank, lambda e, n, loss: progress.update(step, completed=e, note=f"{tag} loss {loss:.3f}"),
+            )
+            pr, pr_rows = pr_fit(True, "distilled")
+            models["prerank"] = export_prerank(pr.model, len(s.user_fields), len(s.item_fields), L, tmp / "prerank.onnx")
+            te_feeds = ranker_inputs(table, te_u, ds.user_fields[te_u], te_h, te_i)
+            metrics["prerank_heldout"] = head_metrics(s, te_y, predict(pr.model, te_feeds))
+            metrics["prerank_training"] = {"rows": pr_rows, "epochs": epochs_prerank, "train_loss": round(pr.train_loss, 4)}
+            if prerank_hard_baseline:  # the same network on hard labels only (ablation, not served)
+                progress.update(step, completed=0)
+                hb, _ = pr_fit(False, "hard-only")
+                metrics["prerank_hard_only_heldout"] = head_metrics(s, te_y, predict(hb.model, te_feeds))
 
         # 6. catalog and users
         step = progress.add_task("items + users", total=1, note="")
@@ -331,7 +384,7 @@ def build_bundle(
     version = version or out.name
     metrics["build_seconds"] = round(time.time() - t_start, 1)
     manifest = write_manifest(
-        tmp, version=version, schema=s, models={"user_tower": ut_sig, "ranker": rk_sig}, ann=ann_params,
+        tmp, version=version, schema=s, models=models, ann=ann_params,
         metrics=metrics, extra={"merge_calibration": merge_calibration, "source": source, "counts": {"users": ds.n_users, "items": ds.n_items, "events": int(len(ds.ev_user)), "train_events": int(train.sum()), "test_events": int(ds.test.sum())}},
     )
     if out.exists():

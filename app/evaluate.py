@@ -7,7 +7,10 @@
   other path found.
 - Ranker agreement: the share of the ranker's exhaustive top-20 over the whole catalog
   (unseen items) that the merged recall contains.
-- Ranker: AUC and log-loss per task on held-out rows, scored through the exported ONNX model.
+- Funnel consistency@20: the share of that top-20 the served funnel (recall → prerank A →
+  prerank B) hands the ranker, and the ranker rows it scored as a share of the catalog.
+- Ranker and pre-ranker (stage B): AUC and log-loss per task on held-out rows, scored
+  through the exported ONNX models, and the pre-ranker's AUC gap to the ranker.
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ def evaluate(
     serving = Pipeline(bundle, settings)
     paths = Pipeline(bundle, path_settings)
     merging = Pipeline(bundle, merge_settings)
-    table = serving.stages[3].table
+    table = serving.stage("rank").table
 
     test_pos = ds.test & ds.positive
     users = np.unique(ds.ev_user[test_pos])
@@ -102,20 +105,20 @@ def evaluate(
     tu, ti = ds.ev_user[test_pos], ds.ev_item[test_pos]
     order = np.argsort(tu, kind="stable")
     tu, ti = tu[order], ti[order]
-    names = [s.name for s in paths.stages[1].sources]
+    names = [s.name for s in paths.stage("recall").sources]
     acc: dict = {}
     unique = {n: [0, 0] for n in names}  # [only this path, contributed by this path]
     merged_sizes, agreement = [], []
     for u in users:
         relevant = np.unique(ti[np.searchsorted(tu, u) : np.searchsorted(tu, u, side="right")])
         ctx = paths.context(request_id=f"eval-{u}", user_id=str(bundle.user_ids[u]), count=k, scene="eval", exclude_item_ids=[], events=[], seed=int(u))
-        paths.stages[0](ctx, Candidates.empty())
+        paths.stage("user_tower")(ctx, Candidates.empty())
         blocked = ctx.blocked()
-        for src in paths.stages[1].sources:
+        for src in paths.stage("recall").sources:
             c = src(ctx)
             c = c.take(np.flatnonzero(~np.isin(c.item, blocked))).top(depth)
             _accumulate(acc, src.name, c.item, relevant, ks)
-        merged = merging.stages[1](ctx, Candidates.empty())  # merge priority order
+        merged = merging.stage("recall")(ctx, Candidates.empty())  # merge priority order
         _accumulate(acc, "merged", merged.item, relevant, ks)
         merged_sizes.append(len(merged))
         for n in names:
@@ -125,8 +128,14 @@ def evaluate(
             unique[n][1] += int(np.count_nonzero(has))
         if u in agree_users:
             top = _exhaustive_topk(bundle, table, ctx, 20)
-            serving_merged = serving.stages[1](ctx, Candidates.empty())
-            agreement.append((np.isin(top, merged.item).mean(), np.isin(top, serving_merged.item).mean()))
+            serving_merged = serving.stage("recall")(ctx, Candidates.empty())
+            # the funnel as served up to the ranker: recall → prerank A → prerank B (if any)
+            kept = serving.stage("prerank_a")(ctx, serving_merged)
+            after_a = len(kept)
+            if any(st.name == "prerank_b" for st in serving.stages):
+                kept = serving.stage("prerank_b")(ctx, kept)
+            agreement.append((np.isin(top, merged.item).mean(), np.isin(top, serving_merged.item).mean(), np.isin(top, kept.item).mean(),
+                              len(kept), after_a))
         ctx.user_emb = None
         ctx.trace_extra = {}
         out, _ = serving.run(ctx)  # ctx.count == k
@@ -146,7 +155,12 @@ def evaluate(
         sl = slice(s, s + 8192)
         probs.append(bundle.ranker.run(["probs"], ranker_inputs(table, te_u[sl], ds.user_fields[te_u[sl]], te_h[sl], te_i[sl]))[0])
     ranker = head_metrics(ds.schema, te_y, np.concatenate(probs))
-    agree = np.array(agreement) if agreement else np.zeros((0, 2))
+    prerank = None
+    if bundle.prerank is not None:
+        pp = [bundle.prerank.run(["probs"], ranker_inputs(table, te_u[s : s + 8192], ds.user_fields[te_u[s : s + 8192]], te_h[s : s + 8192],
+                                                           te_i[s : s + 8192]))[0] for s in range(0, len(te_u), 8192)]
+        prerank = head_metrics(ds.schema, te_y, np.concatenate(pp))
+    agree = np.array(agreement) if agreement else np.zeros((0, 5))
     return {
         "bundle": bundle.version,
         "dataset": ds.schema.dataset,
@@ -163,7 +177,19 @@ def evaluate(
             f"merged_{depth}": round(float(agree[:, 0].mean()), 4) if len(agree) else None,
             f"serving_{settings.recall_total}": round(float(agree[:, 1].mean()), 4) if len(agree) else None,
         },
+        # share of the ranker's exhaustive top-20 the funnel hands the ranker, and the ranker
+        # rows it scores as a share of the catalog (exhaustive ranking = 1)
+        "funnel_consistency@20": {
+            "users": int(len(agree)),
+            "kept": round(float(agree[:, 2].mean()), 4) if len(agree) else None,
+            "ranked_per_request": round(float(agree[:, 3].mean()), 1) if len(agree) else None,
+            "rank_compute_share": round(float(agree[:, 3].mean()) / bundle.n_items, 5) if len(agree) else None,
+            "prerank_b_rows_share": round(float(agree[:, 4].mean()) / bundle.n_items, 5) if len(agree) and bundle.prerank is not None else None,
+        },
         "ranker_auc": {t: v["auc"] for t, v in ranker.items()},
         "ranker": ranker,
+        "prerank_auc": {t: v["auc"] for t, v in prerank.items()} if prerank else None,
+        "prerank_gap_to_ranker": {t: round(ranker[t]["auc"] - prerank[t]["auc"], 4) for t in ranker} if prerank else None,
+        "prerank": prerank,
         "settings": {"per_path_depth": depth, "merge_quotas": merge_settings.quotas(), "serving_quotas": settings.quotas(), "recall_total": settings.recall_total},
     }

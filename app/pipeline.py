@@ -8,6 +8,7 @@ fallback, so a stage failure degrades the feed instead of failing the request:
 | user_tower | no query vector (ann recall empty, prerank keeps recall order) | — |
 | recall | path by path in RecallMerge (error / late / budget); the merge itself → popular | — |
 | prerank_a | recall order, cut to the pre-rank size | — |
+| prerank_b | stage A's order, cut to its size | — |
 | rank | the pre-ranker's order (no task heads, fusion passes it through) | yes: rank_budget_ms |
 | fusion | the ranker's primary head order | — |
 | rerank | the fused order (sort) | yes: rerank_budget_ms |
@@ -33,7 +34,7 @@ from core.candidates import Candidates, source_names
 from core.context import RequestContext
 from core.settings import Settings
 from fusion.formula import MultiplicativeFusion, default_params
-from prerank.cascade import TwoTowerPrerank
+from prerank.cascade import DistilledPrerank, TwoTowerPrerank
 from rank.features import ItemTable, pad_history, user_tower_inputs
 from rank.ranker import MultiTaskRankerStage
 from rerank.beam import make_reranker
@@ -117,6 +118,8 @@ class Pipeline:
                 path_budget_s=s.recall_path_budget_ms / 1e3, stage_budget_s=s.recall_budget_ms / 1e3,
             ),
             TwoTowerPrerank(bundle.item_emb, s.prerank_a_keep),
+            *([DistilledPrerank(bundle.prerank, table, schema.history_len, schema.task_names, self.fusion_params, s.prerank_b_keep)]
+              if bundle.prerank is not None else []),
             MultiTaskRankerStage(bundle.ranker, table, schema.history_len, len(schema.tasks),
                                  user_broadcast=bool(bundle.manifest.get("models", {}).get("ranker", {}).get("user_broadcast", False))),
             MultiplicativeFusion(schema, self.fusion_params),
@@ -133,10 +136,16 @@ class Pipeline:
             "user_tower": lambda ctx, c: c,
             "recall": lambda ctx, c: merge_candidates([(popular_fallback(ctx), s.recall_total)], ctx.blocked(), s.recall_total),
             "prerank_a": lambda ctx, c: c.top(min(s.prerank_a_keep, len(c))),
+            "prerank_b": lambda ctx, c: c.top(min(s.prerank_b_keep, len(c))),
             "rank": lambda ctx, c: c,
             "fusion": lambda ctx, c: c,
             "rerank": sort,
         }
+
+    def stage(self, name: str) -> Stage:
+        """The stage called `name` (stages are addressed by name: stage B is only there when
+        the bundle has a pre-ranker)."""
+        return next(s for s in self.stages if s.name == name)
 
     def run(self, ctx: RequestContext) -> tuple[Candidates, list[StageTrace]]:
         cands = Candidates.empty()

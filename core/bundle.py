@@ -286,6 +286,7 @@ class Bundle:
     fresh: np.ndarray  # item indices, newest first
     user_tower: Any
     ranker: Any
+    prerank: Any = None  # stage B (prerank.onnx), if the bundle has one
     follow: dict[str, np.ndarray] | None = None  # user→authors and author→newest items (CSR), if the dataset has authors
     user_index: IdIndex | None = None  # external id -> row (get / lookup / [] / in)
     item_index: IdIndex | None = None
@@ -376,7 +377,8 @@ class Bundle:
 
         models = manifest.get("models", {})
         sessions = {}
-        for name in ("user_tower", "ranker"):
+        # prerank.onnx (stage B) is optional: bundles built before it serve the cascade's stage A only.
+        for name in ("user_tower", "ranker") + (("prerank",) if "prerank.onnx" in manifest["files"] else ()):
             try:
                 sha = manifest["files"].get(f"{name}.onnx", {}).get("sha256", "")
                 sess = cached_onnx_session(path / f"{name}.onnx", sha, Path(model_cache_dir) if model_cache_dir and sha else None, threads)
@@ -392,6 +394,10 @@ class Bundle:
         _expect(ut.get("hist", [None, -1])[1] == schema.history_len, "user_tower hist length differs from the schema")
         rk = models["ranker"]["outputs"]
         _expect(list(rk.get("probs", [None, -1]))[1] == len(schema.tasks), "ranker output width differs from the number of tasks")
+        if "prerank" in sessions:
+            pr = models["prerank"]
+            _expect(list(pr["outputs"].get("probs", [None, -1]))[1] == len(schema.tasks), "prerank output width differs from the number of tasks")
+            _expect(pr["inputs"].get("hist", [None, -1])[1] == schema.history_len, "prerank hist length differs from the schema")
 
         b = cls(
             path=path,
@@ -420,6 +426,7 @@ class Bundle:
             fresh=fresh,
             user_tower=sessions["user_tower"],
             ranker=sessions["ranker"],
+            prerank=sessions.get("prerank"),
             follow=follow,
         )
         b.user_index = IdIndex(b.user_ids)

@@ -55,7 +55,9 @@ class Settings(BaseSettings):
 
     # Cascade sizes
     prerank_a_keep: int = 500
-    rank_keep: int = 150
+    # stage B (bundles with prerank.onnx): what the ranker scores; without stage B the ranker
+    # scores all prerank_a_keep
+    prerank_b_keep: int = Field(150, ge=1)
 
     # Fusion: score = prod_k (p_k + alpha_k) ** beta_k. Tasks missing here get defaults from
     # the schema (beta 1 for positive tasks, -1 for negative ones).

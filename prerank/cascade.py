@@ -1,11 +1,20 @@
-"""Pre-rank stage A: one matrix–vector product of the candidates' item embeddings with the
-user's query vector, keeping the best `keep`."""
+"""The pre-rank cascade.
+
+Stage A (`TwoTowerPrerank`): one matrix–vector product of the candidates' item embeddings
+with the user's query vector, keeping the best `keep` (~500).
+Stage B (`DistilledPrerank`): the small DNN distilled from the ranker (prerank/train.py), one
+onnxruntime call over stage A's survivors with the user side fed once (batch 1), keeping the
+best `keep` (~150) by the request's own fusion formula over its heads: the cut keeps what the
+ranker + fusion would most likely put on top, for whichever tuner bucket the request is in.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from core.candidates import Candidates
 from core.context import RequestContext
+from fusion.formula import fused_log_score, params_vectors
+from rank.features import ItemTable, pad_history, ranker_inputs
 
 
 class TwoTowerPrerank:
@@ -20,3 +29,27 @@ class TwoTowerPrerank:
             return cands.top(min(self.keep, len(cands)))
         score = self.item_emb[cands.item] @ ctx.user_emb
         return cands.with_scores(score).top(min(self.keep, len(cands)))
+
+
+class DistilledPrerank:
+    name = "prerank_b"
+
+    def __init__(self, session, table: ItemTable, history_len: int, tasks: list[str], default_params, keep: int):
+        self.session, self.table, self.history_len, self.keep = session, table, history_len, keep
+        self.tasks = tasks
+        self.alpha, self.beta = params_vectors(tasks, default_params)
+
+    def __call__(self, ctx: RequestContext, cands: Candidates) -> Candidates:
+        n = len(cands)
+        if n <= self.keep:
+            return cands  # nothing to cut: the ranker sees them all
+        feeds = ranker_inputs(
+            self.table,
+            np.array([ctx.user_idx], np.int64),
+            np.asarray(ctx.user_fields, np.int64).reshape(1, -1),
+            pad_history(ctx.history, self.history_len).reshape(1, -1),
+            cands.item,
+        )
+        (probs,) = self.session.run(["probs"], feeds)
+        alpha, beta = params_vectors(self.tasks, ctx.fusion) if ctx.fusion else (self.alpha, self.beta)
+        return cands.with_scores(fused_log_score(probs, alpha, beta)).top(self.keep)

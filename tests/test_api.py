@@ -163,7 +163,7 @@ def test_click_changes_the_next_feed(client):
     ci = b.item_index[clicked]
     assert ctx.history[0] == ci
     neigh = b.itemcf_indices[b.itemcf_indptr[ci] : b.itemcf_indptr[ci + 1]]
-    itemcf = next(s for s in pipe.stages[1].sources if s.name == "itemcf")
+    itemcf = next(s for s in pipe.stage("recall").sources if s.name == "itemcf")
     top = itemcf(ctx).item[:50]
     assert np.isin(neigh[:10], top).sum() >= 5
 

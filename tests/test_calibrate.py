@@ -115,11 +115,11 @@ def test_fit_logistic_recovers_weights():
 def test_build_stores_a_calibration_the_serving_merge_uses(loaded_bundle, pipeline):
     cal = loaded_bundle.manifest.get("merge_calibration")
     assert cal is not None and cal["users"] > 0
-    names = {s.name for s in pipeline.stages[1].sources}
+    names = {s.name for s in pipeline.stage("recall").sources}
     assert set(cal["paths"]) == names
     for c in cal["paths"].values():
         assert np.all(np.diff(c["rate"]) <= 1e-12)
     assert len(cal["weights"]) == len(cal["features"]) == 3 * len(names) + 2
-    model = pipeline.stages[1].model
+    model = pipeline.stage("recall").model
     assert model is not None and set(model.paths) == names
     assert set(cal["validation"]) == {"learned", "rank"}

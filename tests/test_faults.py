@@ -51,7 +51,7 @@ def _replace_stage(monkeypatch, pipe, name, make):
 
 
 def _replace_path(monkeypatch, pipe, name, make):
-    merge = pipe.stages[1]
+    merge = pipe.stage("recall")
     sources = [make(s) if s.name == name else s for s in merge.sources]
     monkeypatch.setattr(merge, "sources", sources)
 
@@ -145,7 +145,7 @@ def test_ranker_raising_falls_back_to_the_prerank_order(client, monkeypatch):
     assert scores == sorted(scores, reverse=True)
     b = pipe.bundle
     ctx = pipe.context(request_id="x", user_id=user, count=20, scene="home", exclude_item_ids=[], events=[])
-    pipe.stages[0](ctx, None)
+    pipe.stage("user_tower")(ctx, None)
     emb = b.item_emb[b.item_index.lookup([i["item_id"] for i in body["items"]])] @ ctx.user_emb
     np.testing.assert_allclose(scores, emb, rtol=1e-4, atol=1e-5)
     assert _metric(client, "funnel_degraded_total", stage="rank", reason="error") == 1

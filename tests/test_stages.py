@@ -20,14 +20,14 @@ def _check(c: Candidates, n_items: int):
 
 def _prepared(pipeline, **kw):
     ctx = _ctx(pipeline, **kw)
-    pipeline.stages[0](ctx, Candidates.empty())
+    pipeline.stage("user_tower")(ctx, Candidates.empty())
     return ctx
 
 
 def test_each_recall_path_contract(pipeline):
     ctx = _prepared(pipeline)
     assert ctx.user_emb is not None and ctx.user_emb.dtype == np.float32
-    for src in pipeline.stages[1].sources:
+    for src in pipeline.stage("recall").sources:
         c = src(ctx)
         _check(c, pipeline.bundle.n_items)
         assert len(c) > 0, src.name
@@ -39,7 +39,7 @@ def test_each_recall_path_contract(pipeline):
 def test_personal_paths_skip_cold_users_without_history(pipeline):
     ctx = _prepared(pipeline, user="no-such-user")
     assert ctx.user_emb is None
-    names = {s.name: len(s(ctx)) for s in pipeline.stages[1].sources}
+    names = {s.name: len(s(ctx)) for s in pipeline.stage("recall").sources}
     assert names["ann"] == names["itemcf"] == names["graph"] == 0
     assert names["popular"] > 0 and names["fresh"] > 0
 
@@ -47,7 +47,7 @@ def test_personal_paths_skip_cold_users_without_history(pipeline):
 def test_graph_walks_stay_in_the_graph(pipeline):
     b = pipeline.bundle
     ctx = _prepared(pipeline)
-    graph = next(s for s in pipeline.stages[1].sources if s.name == "graph")
+    graph = next(s for s in pipeline.stage("recall").sources if s.name == "graph")
     c = graph(ctx)
     # Every visited item has at least one user edge (walks only reach items through users).
     deg = b.iu_indptr[c.item + 1] - b.iu_indptr[c.item]
@@ -59,7 +59,7 @@ def test_recall_merge_dedups_excludes_and_honours_quotas(pipeline):
     hist, _ = b.user_history(0)
     ex_ids = [str(b.item_ids[i]) for i in b.popular[:5]]
     ctx = _prepared(pipeline, user=str(b.user_ids[0]), exclude=ex_ids)
-    recall = pipeline.stages[1]
+    recall = pipeline.stage("recall")
     out = recall(ctx, Candidates.empty())
     _check(out, b.n_items)
     assert len(out) <= recall.total
@@ -86,8 +86,8 @@ def test_merge_quota_and_backfill():
 
 def test_prerank_keeps_best_dot_products(pipeline):
     ctx = _prepared(pipeline)
-    cands = pipeline.stages[1](ctx, Candidates.empty())
-    pre = pipeline.stages[2]
+    cands = pipeline.stage("recall")(ctx, Candidates.empty())
+    pre = pipeline.stage("prerank_a")
     out = pre(ctx, cands)
     _check(out, pipeline.bundle.n_items)
     assert len(out) == min(pre.keep, len(cands))
@@ -98,18 +98,18 @@ def test_prerank_keeps_best_dot_products(pipeline):
 
 def test_ranker_heads_fusion_and_rerank(pipeline):
     ctx = _prepared(pipeline, count=7)
-    c = pipeline.stages[2](ctx, pipeline.stages[1](ctx, Candidates.empty()))
-    ranked = pipeline.stages[3](ctx, c)
+    c = pipeline.stage("prerank_a")(ctx, pipeline.stage("recall")(ctx, Candidates.empty()))
+    ranked = pipeline.stage("rank")(ctx, c)
     _check(ranked, pipeline.bundle.n_items)
     assert ranked.heads.shape == (len(c), len(pipeline.bundle.schema.tasks)) and ranked.heads.dtype == np.float32
     assert np.all((ranked.heads >= 0) & (ranked.heads <= 1))
     np.testing.assert_array_equal(np.sort(ranked.item), np.sort(c.item))
-    fused = pipeline.stages[4](ctx, ranked)
+    fused = pipeline.stage("fusion")(ctx, ranked)
     alpha = np.array([ctx.fusion.get(t, pipeline.fusion_params[t])[0] for t in pipeline.bundle.schema.task_names])
     beta = np.array([ctx.fusion.get(t, pipeline.fusion_params[t])[1] for t in pipeline.bundle.schema.task_names])
     expected = np.prod((ranked.heads.astype(np.float64) + alpha) ** beta, axis=1)
     np.testing.assert_allclose(np.exp(fused.score), expected, rtol=1e-4)
-    final = pipeline.stages[5](ctx, fused)
+    final = pipeline.stage("rerank")(ctx, fused)
     assert len(final) == 7 and len(np.unique(final.item)) == 7
     if pipeline.settings.rerank_mode == "sort":  # beam/greedy reorder; the score stays the fused score
         assert np.all(np.diff(final.score) <= 0)
@@ -173,7 +173,7 @@ def test_ranker_user_side_once_equals_per_row(pipeline):
     stage = next(s for s in pipeline.stages if s.name == "rank")
     assert stage.user_broadcast, "bundles built now export the broadcasting ranker"
     ctx = _prepared(pipeline)
-    cands = pipeline.stages[1](ctx, Candidates.empty()).top(60)
+    cands = pipeline.stage("recall")(ctx, Candidates.empty()).top(60)
     served = stage(ctx, cands)
     n = len(cands)
     hist = pad_history(ctx.history, stage.history_len)
