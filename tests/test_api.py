@@ -42,7 +42,7 @@ def test_recommend_debug_trace(client):
     _, user = _known_user(client)
     body = client.post("/v1/recommend", json={"user_id": user, "count": 5, "debug": True}).json()
     stages = [s["stage"] for s in body["trace"]["stages"]]
-    assert stages == ["user_tower", "recall", "prerank_a", "rank", "fusion", "rerank"]
+    assert stages == ["user_tower", "recall", "prerank_a", "prerank_b", "rank", "fusion", "rerank"]
     recall = body["trace"]["stages"][1]
     assert recall["n_out"] > 0 and recall["sources"]
     assert set(body["trace"]["recall_paths"]) == {"ann", "itemcf", "graph", "popular", "fresh"}

@@ -140,14 +140,25 @@ def test_ranker_raising_falls_back_to_the_prerank_order(client, monkeypatch):
     stages = {t["stage"]: t for t in body["trace"]["stages"]}
     assert stages["rank"]["degraded"] == "error"
     assert body["trace"]["heads"] == {}
-    # the pre-ranker's scores, in its order
+    # the pre-ranker's scores, in its order: stage B's fused heads where the bundle has stage B,
+    # else stage A's dot products
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
     b = pipe.bundle
     ctx = pipe.context(request_id="x", user_id=user, count=20, scene="home", exclude_item_ids=[], events=[])
     pipe.stage("user_tower")(ctx, None)
-    emb = b.item_emb[b.item_index.lookup([i["item_id"] for i in body["items"]])] @ ctx.user_emb
-    np.testing.assert_allclose(scores, emb, rtol=1e-4, atol=1e-5)
+    items = b.item_index.lookup([i["item_id"] for i in body["items"]])
+    if b.prerank is not None:
+        from fusion.formula import fused_log_score, params_vectors
+        from rank.features import pad_history, ranker_inputs
+
+        feeds = ranker_inputs(pipe.stage("prerank_b").table, np.array([ctx.user_idx]), ctx.user_fields.reshape(1, -1),
+                              pad_history(ctx.history, b.schema.history_len).reshape(1, -1), items)
+        alpha, beta = params_vectors(b.schema.task_names, ctx.fusion or pipe.fusion_params)
+        want = fused_log_score(b.prerank.run(["probs"], feeds)[0], alpha, beta)
+    else:
+        want = b.item_emb[items] @ ctx.user_emb
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-5)
     assert _metric(client, "funnel_degraded_total", stage="rank", reason="error") == 1
 
 
