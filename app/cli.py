@@ -39,6 +39,8 @@ def build(
     epochs_tt: Annotated[int, typer.Option(help="two-tower epochs")] = 8,
     epochs_rank: Annotated[int, typer.Option(help="ranker epochs")] = 6,
     link: Annotated[Optional[Path], typer.Option(help="also point this symlink (e.g. bundles/current) at the bundle")] = None,
+    prerank: Annotated[bool, typer.Option(help="train and ship pre-rank stage B (prerank.onnx)")] = True,
+    prerank_hard_baseline: Annotated[bool, typer.Option(help="also train stage B on hard labels only and report its held-out AUC (ablation)")] = False,
 ) -> None:
     """Train and export a bundle (needs the `train` extra: torch)."""
     try:
@@ -62,7 +64,8 @@ def build(
         source = {"dataset": "synthetic", "world": asdict(cfg)}
     else:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; known: ml-100k, synthetic", param_hint="--dataset")
-    manifest = build_bundle(ds, source, out, epochs_tt=epochs_tt, epochs_rank=epochs_rank, seed=seed)
+    manifest = build_bundle(ds, source, out, epochs_tt=epochs_tt, epochs_rank=epochs_rank, seed=seed, prerank=prerank,
+                            prerank_hard_baseline=prerank_hard_baseline)
     if link is not None:
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = link.with_name(link.name + ".tmp")

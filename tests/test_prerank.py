@@ -139,3 +139,32 @@ def test_distillation_learns_the_teacher_where_there_are_no_labels():
     s = predict(student, test)[:, 0]
     corr = np.corrcoef(np.argsort(np.argsort(t)), np.argsort(np.argsort(s)))[0, 1]
     assert corr > 0.6, f"student's rank correlation with the teacher {corr:.3f}"
+
+
+def test_features_offline_equal_online(ml_folder, pipeline):
+    """The rows the ranker and stage B were trained on and the feeds serving builds agree, for
+    a user at the end of their training history: the same history ids (bundle history vs the
+    training log), profile fields, item fields and dense match features."""
+    from app.build import _table, last_train_history
+    from retrieval.popular import build_popular
+    from sim.ml100k import load_ml100k
+
+    ds = load_ml100k(ml_folder)
+    b = pipeline.bundle
+    train_pos = ~ds.test & ds.positive
+    pop = build_popular(ds.ev_item[train_pos], ds.ev_ts[train_pos], ds.n_items)
+    offline_table = _table(ds, np.log1p(pop).astype(np.float32))
+    users = np.unique(ds.ev_user[train_pos])[:25]
+    items = np.random.default_rng(0).integers(0, ds.n_items, 40)
+    hist = last_train_history(ds, train_pos, users)
+    for k, u in enumerate(users):
+        ctx = pipeline.context(request_id="p", user_id=str(b.user_ids[u]), count=10, scene="home", exclude_item_ids=[], events=[], seed=0)
+        online = ranker_inputs(pipeline.stage("rank").table, np.array([ctx.user_idx]), ctx.user_fields.reshape(1, -1),
+                               pad_history(ctx.history, b.schema.history_len).reshape(1, -1), items)
+        offline = ranker_inputs(offline_table, np.full(len(items), u), ds.user_fields[np.full(len(items), u)],
+                                np.repeat(hist[[k]], len(items), axis=0), items)
+        for name in ("user_idx", "user_fields", "hist"):
+            np.testing.assert_array_equal(online[name][0], offline[name][0], err_msg=name)
+        for name in ("item_idx", "item_fields"):
+            np.testing.assert_array_equal(online[name], offline[name], err_msg=name)
+        np.testing.assert_allclose(online["dense"], offline["dense"], rtol=1e-6, err_msg="dense")
