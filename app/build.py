@@ -197,6 +197,7 @@ def build_bundle(
     max_rank_rows: int = 3_000_000, max_eval_rows: int = 500_000, max_tt_rows: int = 5_000_000,
     max_tt_samples: int = 20_000_000, max_rank_samples: int = 9_000_000, n_catalog_neg: int = 2,
     hist_grad: bool | None = None, calibrate: bool | None = None, prerank: bool = True, prerank_hard_baseline: bool = False,
+    prerank_distill: bool = True,
     max_prerank_rows: int = 1_500_000, prerank_users: int = 1000, prerank_pool: int = 500, epochs_prerank: int = 2,
 ) -> dict:
     import torch
@@ -354,11 +355,13 @@ def build_bundle(
                 rk.model, ds, table, train_pos, feeds, tr_y, pr_users, pr_q, tt.item_emb, soft, seed, max_prerank_rows,
                 prerank_pool, epochs_prerank, lambda e, n, loss: progress.update(step, completed=e, note=f"{tag} loss {loss:.3f}"),
             )
-            pr, pr_rows = pr_fit(True, "distilled")
+            # prerank_distill=False ships the hard-label-only network instead (ablation bundles)
+            pr, pr_rows = pr_fit(prerank_distill, "distilled" if prerank_distill else "hard-only")
             models["prerank"] = export_prerank(pr.model, len(s.user_fields), len(s.item_fields), L, tmp / "prerank.onnx")
             te_feeds = ranker_inputs(table, te_u, ds.user_fields[te_u], te_h, te_i)
             metrics["prerank_heldout"] = head_metrics(s, te_y, predict(pr.model, te_feeds))
-            metrics["prerank_training"] = {"rows": pr_rows, "epochs": epochs_prerank, "train_loss": round(pr.train_loss, 4)}
+            metrics["prerank_training"] = {"rows": pr_rows, "epochs": epochs_prerank, "train_loss": round(pr.train_loss, 4),
+                                           "distilled": prerank_distill}
             if prerank_hard_baseline:  # the same network on hard labels only (ablation, not served)
                 progress.update(step, completed=0)
                 hb, _ = pr_fit(False, "hard-only")

@@ -41,6 +41,7 @@ def build(
     link: Annotated[Optional[Path], typer.Option(help="also point this symlink (e.g. bundles/current) at the bundle")] = None,
     prerank: Annotated[bool, typer.Option(help="train and ship pre-rank stage B (prerank.onnx)")] = True,
     prerank_hard_baseline: Annotated[bool, typer.Option(help="also train stage B on hard labels only and report its held-out AUC (ablation)")] = False,
+    prerank_distill: Annotated[bool, typer.Option(help="--no-prerank-distill ships stage B trained on hard labels only (ablation bundle)")] = True,
 ) -> None:
     """Train and export a bundle (needs the `train` extra: torch)."""
     try:
@@ -65,7 +66,7 @@ def build(
     else:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; known: ml-100k, synthetic", param_hint="--dataset")
     manifest = build_bundle(ds, source, out, epochs_tt=epochs_tt, epochs_rank=epochs_rank, seed=seed, prerank=prerank,
-                            prerank_hard_baseline=prerank_hard_baseline)
+                            prerank_hard_baseline=prerank_hard_baseline, prerank_distill=prerank_distill)
     if link is not None:
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = link.with_name(link.name + ".tmp")
