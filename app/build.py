@@ -156,22 +156,24 @@ def train_prerank_rows(teacher, ds: Dataset, table: ItemTable, train_pos: np.nda
 
     rng = np.random.default_rng(seed + 3)
     keep = cap_rows(np.arange(len(labels)), max_rows, rng)
-    top = hard_negative_pool(queries, item_emb, pool)  # [U, pool]
-    hist = last_train_history(ds, train_pos, users)
-    ru = np.repeat(users, top.shape[1])
-    rec = ranker_inputs(table, ru, ds.user_fields[ru], np.repeat(hist, top.shape[1], axis=0), top.ravel())
-    all_feeds = {k: np.concatenate([feeds[k][keep], rec[k]]) for k in INPUT_NAMES}
-    y = np.concatenate([labels[keep], np.full((len(ru), labels.shape[1]), np.nan, np.float32)])
-    if not soft:  # hard labels only: the recall rows carry nothing
-        all_feeds = {k: v[: len(keep)] for k, v in all_feeds.items()}
-        y = y[: len(keep)]
+    all_feeds = {k: feeds[k][keep] for k in INPUT_NAMES}
+    y = labels[keep]
+    n_recall = 0
+    if soft:  # hard labels only: the recall rows would carry nothing, so they are not drawn
+        top = hard_negative_pool(queries, item_emb, pool)  # [U, pool]
+        hist = last_train_history(ds, train_pos, users)
+        ru = np.repeat(users, top.shape[1])
+        rec = ranker_inputs(table, ru, ds.user_fields[ru], np.repeat(hist, top.shape[1], axis=0), top.ravel())
+        all_feeds = {k: np.concatenate([all_feeds[k], rec[k]]) for k in INPUT_NAMES}
+        y = np.concatenate([y, np.full((len(ru), labels.shape[1]), np.nan, np.float32)])
+        n_recall = len(ru)
     teacher_p = predict(teacher, all_feeds) if soft else None
     s = ds.schema
     res = train_prerank(
         all_feeds, y, teacher_p, n_users=ds.n_users, n_items=ds.n_items, user_vocabs=[f.vocab for f in s.user_fields],
         item_vocabs=[f.vocab for f in s.item_fields], teacher=teacher, epochs=epochs, seed=seed, progress=progress,
     )
-    return res, {"logged": int(len(keep)), "recall_sampled": int(len(ru)) if soft else 0}
+    return res, {"logged": int(len(keep)), "recall_sampled": int(n_recall)}
 
 
 def user_queries(tower, ds: Dataset, train_pos: np.ndarray, users: np.ndarray) -> np.ndarray:
@@ -337,7 +339,8 @@ def build_bundle(
             progress=lambda e, n, loss: progress.update(step, completed=e, note=f"loss {loss:.3f}"),
         )
         rk_sig = export_ranker(rk.model, len(s.user_fields), len(s.item_fields), L, tmp / "ranker.onnx")
-        probs = predict(rk.model, ranker_inputs(table, te_u, ds.user_fields[te_u], te_h, te_i))
+        te_feeds = ranker_inputs(table, te_u, ds.user_fields[te_u], te_h, te_i)
+        probs = predict(rk.model, te_feeds)
         metrics["ranker_heldout"] = head_metrics(s, te_y, probs)
         metrics["ranker_train_loss"] = round(rk.train_loss, 4)
         metrics["ranker_training"] = {"max_epochs": epochs_rank, "best_epoch": rk.best_epoch, "val_click_auc": rk.val_auc,
@@ -358,7 +361,6 @@ def build_bundle(
             # prerank_distill=False ships the hard-label-only network instead (ablation bundles)
             pr, pr_rows = pr_fit(prerank_distill, "distilled" if prerank_distill else "hard-only")
             models["prerank"] = export_prerank(pr.model, len(s.user_fields), len(s.item_fields), L, tmp / "prerank.onnx")
-            te_feeds = ranker_inputs(table, te_u, ds.user_fields[te_u], te_h, te_i)
             metrics["prerank_heldout"] = head_metrics(s, te_y, predict(pr.model, te_feeds))
             metrics["prerank_training"] = {"rows": pr_rows, "epochs": epochs_prerank, "train_loss": round(pr.train_loss, 4),
                                            "distilled": prerank_distill}

@@ -132,7 +132,7 @@ def evaluate(
             # the funnel as served up to the ranker: recall → prerank A → prerank B (if any)
             kept = serving.stage("prerank_a")(ctx, serving_merged)
             after_a = len(kept)
-            if any(st.name == "prerank_b" for st in serving.stages):
+            if bundle.prerank is not None:
                 kept = serving.stage("prerank_b")(ctx, kept)
             agreement.append((np.isin(top, merged.item).mean(), np.isin(top, serving_merged.item).mean(), np.isin(top, kept.item).mean(),
                               len(kept), after_a))
@@ -150,16 +150,16 @@ def evaluate(
     b = bundle.manifest.get("build", {})
     ev_rows = cap_rows(np.flatnonzero(ds.test), b.get("max_eval_rows", 500_000), np.random.default_rng(b.get("seed", 0) + 1))
     te_u, te_i, te_h, te_y = ranker_rows(ds, ev_rows, history_ids(ds, ev_rows), np.random.default_rng(b.get("seed", 0) + 1), b.get("n_neg", 2), neg_p)
-    probs = []
-    for s in range(0, len(te_u), 8192):
-        sl = slice(s, s + 8192)
-        probs.append(bundle.ranker.run(["probs"], ranker_inputs(table, te_u[sl], ds.user_fields[te_u[sl]], te_h[sl], te_i[sl]))[0])
-    ranker = head_metrics(ds.schema, te_y, np.concatenate(probs))
-    prerank = None
-    if bundle.prerank is not None:
-        pp = [bundle.prerank.run(["probs"], ranker_inputs(table, te_u[s : s + 8192], ds.user_fields[te_u[s : s + 8192]], te_h[s : s + 8192],
-                                                           te_i[s : s + 8192]))[0] for s in range(0, len(te_u), 8192)]
-        prerank = head_metrics(ds.schema, te_y, np.concatenate(pp))
+
+    def heldout(session) -> dict:
+        probs = []
+        for s in range(0, len(te_u), 8192):
+            sl = slice(s, s + 8192)
+            probs.append(session.run(["probs"], ranker_inputs(table, te_u[sl], ds.user_fields[te_u[sl]], te_h[sl], te_i[sl]))[0])
+        return head_metrics(ds.schema, te_y, np.concatenate(probs))
+
+    ranker = heldout(bundle.ranker)
+    prerank = heldout(bundle.prerank) if bundle.prerank is not None else None
     agree = np.array(agreement) if agreement else np.zeros((0, 5))
     return {
         "bundle": bundle.version,

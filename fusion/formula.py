@@ -128,12 +128,16 @@ class MultiplicativeFusion:
     def _vectors(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
         return params_vectors(self.tasks, params)
 
+    def score(self, ctx: RequestContext, heads: np.ndarray) -> np.ndarray:
+        """The fused log score of `heads` [N, T] under the request's parameters (its tuner
+        bucket's), else the configured ones. Log space: same order, no overflow."""
+        alpha, beta = self._vectors(ctx.fusion) if ctx.fusion else (self.alpha, self.beta)
+        return fused_log_score(heads, alpha, beta)
+
     def __call__(self, ctx: RequestContext, cands: Candidates) -> Candidates:
         if cands.heads is None:
             return cands
-        alpha, beta = self._vectors(ctx.fusion) if ctx.fusion else (self.alpha, self.beta)
-        # Fused score stays in log space: same order, no overflow.
-        return cands.with_scores(fused_log_score(cands.heads, alpha, beta))
+        return cands.with_scores(self.score(ctx, cands.heads))
 
 
 class AdditiveFusion:

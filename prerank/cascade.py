@@ -13,8 +13,8 @@ import numpy as np
 
 from core.candidates import Candidates
 from core.context import RequestContext
-from fusion.formula import fused_log_score, params_vectors
-from rank.features import ItemTable, pad_history, ranker_inputs
+from fusion.formula import MultiplicativeFusion
+from rank.features import ItemTable, request_inputs
 
 
 class TwoTowerPrerank:
@@ -34,22 +34,11 @@ class TwoTowerPrerank:
 class DistilledPrerank:
     name = "prerank_b"
 
-    def __init__(self, session, table: ItemTable, history_len: int, tasks: list[str], default_params, keep: int):
-        self.session, self.table, self.history_len, self.keep = session, table, history_len, keep
-        self.tasks = tasks
-        self.alpha, self.beta = params_vectors(tasks, default_params)
+    def __init__(self, session, table: ItemTable, history_len: int, fusion: MultiplicativeFusion, keep: int):
+        self.session, self.table, self.history_len, self.fusion, self.keep = session, table, history_len, fusion, keep
 
     def __call__(self, ctx: RequestContext, cands: Candidates) -> Candidates:
-        n = len(cands)
-        if n <= self.keep:
+        if len(cands) <= self.keep:
             return cands  # nothing to cut: the ranker sees them all
-        feeds = ranker_inputs(
-            self.table,
-            np.array([ctx.user_idx], np.int64),
-            np.asarray(ctx.user_fields, np.int64).reshape(1, -1),
-            pad_history(ctx.history, self.history_len).reshape(1, -1),
-            cands.item,
-        )
-        (probs,) = self.session.run(["probs"], feeds)
-        alpha, beta = params_vectors(self.tasks, ctx.fusion) if ctx.fusion else (self.alpha, self.beta)
-        return cands.with_scores(fused_log_score(probs, alpha, beta)).top(self.keep)
+        (probs,) = self.session.run(["probs"], request_inputs(self.table, ctx, self.history_len, cands.item))
+        return cands.with_scores(self.fusion.score(ctx, probs)).top(self.keep)

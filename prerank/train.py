@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rank.features import DENSE_FEATURES
-from rank.train import INPUT_NAMES, USER_INPUTS
-from retrieval.twotower_train import FieldEmbedding, MultiOptimizer, embedding_optimizer, pooled_history, run_epochs
+from rank.train import export_ranking_onnx, id_table_optimizer, masked_bce, training_tensors
+from retrieval.twotower_train import FieldEmbedding, pooled_history, run_epochs
 
 
 class PrerankNet(nn.Module):
@@ -99,19 +99,14 @@ def train_prerank(
     model = PrerankNet(n_users, n_items, user_vocabs, item_vocabs, t)
     if teacher is not None:
         model.init_from(teacher)
-    sparse = [model.user_emb.weight, model.item_emb.weight]
-    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
-    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr, weight_decay=1e-6), embedding_optimizer(sparse, lr))
-    tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES]
-    m = torch.from_numpy((~np.isnan(labels)).astype(np.float32))
-    y = torch.from_numpy(np.nan_to_num(labels, nan=0.0).astype(np.float32))
+    opt = id_table_optimizer(model, lr, 1e-6)
+    tensors, y, m = training_tensors(feeds, labels)
+    w = torch.ones(t)
     s = None if soft is None else torch.from_numpy(np.ascontiguousarray(soft, dtype=np.float32))
 
     def batch_loss(b):
         z = model.logits(*(x[b] for x in tensors))
-        mb = m[b]
-        hard = (F.binary_cross_entropy_with_logits(z, y[b], reduction="none") * mb).sum(0) / mb.sum(0).clamp(min=1.0)
-        loss = hard.sum()
+        loss = masked_bce(z, y[b], m[b], w)
         if s is not None:
             loss = loss + soft_weight * F.binary_cross_entropy_with_logits(z, s[b], reduction="none").mean(0).sum()
         return loss
@@ -123,34 +118,4 @@ def train_prerank(
 
 
 def export_prerank(model: PrerankNet, n_user_fields: int, n_item_fields: int, history_len: int, path: Path) -> dict:
-    model.eval()
-    example = (
-        torch.zeros(1, dtype=torch.int64),
-        torch.zeros(1, n_user_fields, dtype=torch.int64),
-        torch.zeros(1, history_len, dtype=torch.int64),
-        torch.ones(3, dtype=torch.int64),
-        torch.zeros(3, n_item_fields, dtype=torch.int64),
-        torch.zeros(3, len(DENSE_FEATURES), dtype=torch.float32),
-    )
-    torch.onnx.export(
-        model,
-        example,
-        str(path),
-        input_names=INPUT_NAMES,
-        output_names=["probs"],
-        dynamic_axes={k: {0: "user_batch" if k in USER_INPUTS else "batch"} for k in INPUT_NAMES + ["probs"]},
-        opset_version=17,
-        dynamo=False,
-    )
-    return {
-        "inputs": {
-            "user_idx": [None],
-            "user_fields": [None, n_user_fields],
-            "hist": [None, history_len],
-            "item_idx": [None],
-            "item_fields": [None, n_item_fields],
-            "dense": [None, len(DENSE_FEATURES)],
-        },
-        "outputs": {"probs": [None, model.n_tasks]},
-        "user_broadcast": True,
-    }
+    return export_ranking_onnx(model, model.n_tasks, n_user_fields, n_item_fields, history_len, path, user_batch=1, item_batch=3)

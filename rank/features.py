@@ -67,6 +67,20 @@ def ranker_inputs(
     }
 
 
+def request_inputs(table: ItemTable, ctx, history_len: int, items: np.ndarray, user_rows: int = 1) -> dict[str, np.ndarray]:
+    """The feed for one request's user (a RequestContext) over `items` when serving: the user
+    side in `user_rows` rows (1: the model broadcasts it; len(items): one per row, for models
+    exported before user broadcast)."""
+    hist = pad_history(ctx.history, history_len)
+    return ranker_inputs(
+        table,
+        np.full(user_rows, ctx.user_idx, np.int64),
+        np.broadcast_to(np.asarray(ctx.user_fields, np.int64), (user_rows, len(ctx.user_fields))),
+        np.broadcast_to(hist, (user_rows, history_len)),
+        items,
+    )
+
+
 def user_tower_inputs(user_idx: np.ndarray, user_fields: np.ndarray, hist_ids: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "user_idx": np.ascontiguousarray(np.asarray(user_idx, np.int64) + 1),

@@ -5,7 +5,7 @@ import numpy as np
 
 from core.candidates import Candidates
 from core.context import RequestContext
-from rank.features import ItemTable, pad_history, ranker_inputs
+from rank.features import ItemTable, request_inputs
 
 
 class MultiTaskRankerStage:
@@ -21,15 +21,7 @@ class MultiTaskRankerStage:
         n = len(cands)
         if n == 0:
             return Candidates.empty(self.n_tasks)
-        hist = pad_history(ctx.history, self.history_len)
-        m = 1 if self.user_broadcast else n
-        feeds = ranker_inputs(
-            self.table,
-            np.full(m, ctx.user_idx, np.int64),
-            np.broadcast_to(ctx.user_fields, (m, len(ctx.user_fields))),
-            np.broadcast_to(hist, (m, self.history_len)),
-            cands.item,
-        )
+        feeds = request_inputs(self.table, ctx, self.history_len, cands.item, 1 if self.user_broadcast else n)
         (probs,) = self.session.run(["probs"], feeds)
         probs = probs.astype(np.float32)
         # Stage score before fusion: the first task (click) probability.

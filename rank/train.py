@@ -60,6 +60,29 @@ INPUT_NAMES = ["user_idx", "user_fields", "hist", "item_idx", "item_fields", "de
 USER_INPUTS = ("user_idx", "user_fields", "hist")  # batch 1 (one user, broadcast) or one row per item
 
 
+def id_table_optimizer(model: nn.Module, lr: float, weight_decay: float):
+    """Adam on the dense weights, the row-wise optimizer on the sparse id tables
+    (`model.user_emb`, `model.item_emb`): a step touches only a batch's rows."""
+    sparse = [model.user_emb.weight, model.item_emb.weight]
+    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    return MultiOptimizer(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay), embedding_optimizer(sparse, lr))
+
+
+def training_tensors(feeds: dict[str, np.ndarray], labels: np.ndarray):
+    """(input tensors in INPUT_NAMES order, labels with NaN as 0, label mask) for training."""
+    tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES]
+    y = torch.from_numpy(np.nan_to_num(labels, nan=0.0).astype(np.float32))
+    m = torch.from_numpy((~np.isnan(labels)).astype(np.float32))
+    return tensors, y, m
+
+
+def masked_bce(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-task mean BCE over the rows where the task's label is defined (m), then the
+    task-weighted sum."""
+    per = F.binary_cross_entropy_with_logits(z, y, reduction="none") * m
+    return ((per.sum(0) / m.sum(0).clamp(min=1.0)) * w).sum()
+
+
 @dataclass
 class RankerResult:
     model: MultiTaskRanker
@@ -98,13 +121,9 @@ def train_ranker(
     per_row = 1 + (extra_per_row if extra_rows is not None else 0)
     batch_size = batch_size or max(1, int(np.clip(n * per_row // 300, 256, 2048)) // per_row)
     model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t, hist_grad=hist_grad)
-    sparse = [model.user_emb.weight, model.item_emb.weight]
-    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
-    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay), embedding_optimizer(sparse, lr))
-    tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES]
+    opt = id_table_optimizer(model, lr, weight_decay)
+    tensors, y, m = training_tensors(feeds, labels)
     mask = ~np.isnan(labels)
-    y = torch.from_numpy(np.nan_to_num(labels, nan=0.0).astype(np.float32))
-    m = torch.from_numpy(mask.astype(np.float32))
     w = torch.from_numpy(np.ones(t, np.float32) if task_weights is None else task_weights.astype(np.float32))
     def batch_loss(b):
         xs, yb, mb = [x[b] for x in tensors], y[b], m[b]
@@ -113,10 +132,7 @@ def train_ranker(
             xs = [torch.cat([x, torch.from_numpy(np.ascontiguousarray(f[k]))]) for x, k in zip(xs, INPUT_NAMES)]
             yb = torch.cat([yb, torch.from_numpy(np.nan_to_num(lab, nan=0.0).astype(np.float32))])
             mb = torch.cat([mb, torch.from_numpy((~np.isnan(lab)).astype(np.float32))])
-        z = model.logits(*xs)
-        per = F.binary_cross_entropy_with_logits(z, yb, reduction="none") * mb
-        # Per-task mean over the rows where the task's label is defined, then weighted sum.
-        return ((per.sum(0) / mb.sum(0).clamp(min=1.0)) * w).sum()
+        return masked_bce(model.logits(*xs), yb, mb, w)
 
     # Early stopping on a validation slice of the training rows (never the evaluation split),
     # by the first task's (click) AUC, the order the funnel ranks by: on logged impressions the
@@ -163,15 +179,19 @@ def predict(model: MultiTaskRanker, feeds: dict[str, np.ndarray], batch: int = 1
     return np.concatenate(out) if out else np.zeros((0, model.heads.out_features), np.float32)
 
 
-def export_ranker(model: MultiTaskRanker, n_user_fields: int, n_item_fields: int, history_len: int, path: Path) -> dict:
+def export_ranking_onnx(model: nn.Module, n_tasks: int, n_user_fields: int, n_item_fields: int, history_len: int, path: Path,
+                        user_batch: int, item_batch: int) -> dict:
+    """Export a model with the ranker's inputs (INPUT_NAMES) and a `probs` output to ONNX, the
+    user inputs on their own dynamic axis (batch 1 when serving one user, broadcast in the
+    graph); the example shapes are the traced ones. Returns the manifest signature."""
     model.eval()
     example = (
-        torch.zeros(2, dtype=torch.int64),
-        torch.zeros(2, n_user_fields, dtype=torch.int64),
-        torch.zeros(2, history_len, dtype=torch.int64),
-        torch.ones(2, dtype=torch.int64),
-        torch.zeros(2, n_item_fields, dtype=torch.int64),
-        torch.zeros(2, len(DENSE_FEATURES), dtype=torch.float32),
+        torch.zeros(user_batch, dtype=torch.int64),
+        torch.zeros(user_batch, n_user_fields, dtype=torch.int64),
+        torch.zeros(user_batch, history_len, dtype=torch.int64),
+        torch.ones(item_batch, dtype=torch.int64),
+        torch.zeros(item_batch, n_item_fields, dtype=torch.int64),
+        torch.zeros(item_batch, len(DENSE_FEATURES), dtype=torch.float32),
     )
     torch.onnx.export(
         model,
@@ -192,6 +212,10 @@ def export_ranker(model: MultiTaskRanker, n_user_fields: int, n_item_fields: int
             "item_fields": [None, n_item_fields],
             "dense": [None, len(DENSE_FEATURES)],
         },
-        "outputs": {"probs": [None, model.heads.out_features]},
-        "user_broadcast": True,  # user inputs may have batch 1 (rank/ranker.py feeds them so)
+        "outputs": {"probs": [None, n_tasks]},
+        "user_broadcast": True,  # user inputs may have batch 1 (rank/ranker.py, prerank/cascade.py feed them so)
     }
+
+
+def export_ranker(model: MultiTaskRanker, n_user_fields: int, n_item_fields: int, history_len: int, path: Path) -> dict:
+    return export_ranking_onnx(model, model.heads.out_features, n_user_fields, n_item_fields, history_len, path, user_batch=2, item_batch=2)
