@@ -28,6 +28,34 @@ def data_fetch(
     typer.echo(f"ml-100k ready in {folder}")
 
 
+def ablation_tasks(spec: str, tasks: list[str]) -> tuple[str, ...]:
+    """`--rank-ablation`: '' (none), 'all', or comma-separated task names of the dataset."""
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if names == ["all"]:
+        return tuple(tasks)
+    unknown = [t for t in names if t not in tasks]
+    if unknown:
+        raise typer.BadParameter(f"unknown task(s) {unknown}; this dataset has {tasks}", param_hint="--rank-ablation")
+    return tuple(names)
+
+
+def parse_task_weights(spec: str, tasks: list[str]) -> dict[str, float]:
+    """`--task-weights`: 'task=weight,...' over the dataset's tasks, weights >= 0."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in tasks:
+            raise typer.BadParameter(f"unknown task {name!r}; this dataset has {tasks}", param_hint="--task-weights")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r}: expected task=number", param_hint="--task-weights") from None
+        if not out[name] >= 0:
+            raise typer.BadParameter(f"{part!r}: a weight must be >= 0", param_hint="--task-weights")
+    return out
+
+
 @app.command()
 def build(
     dataset: Annotated[str, typer.Option(help="ml-100k or synthetic")] = "ml-100k",
@@ -42,6 +70,9 @@ def build(
     prerank: Annotated[bool, typer.Option(help="train and ship pre-rank stage B (prerank.onnx)")] = True,
     prerank_hard_baseline: Annotated[bool, typer.Option(help="also train stage B on hard labels only and report its held-out AUC (ablation)")] = False,
     prerank_distill: Annotated[bool, typer.Option(help="--no-prerank-distill ships stage B trained on hard labels only (ablation bundle)")] = True,
+    task_weights: Annotated[str, typer.Option(help="ranker loss weight per task, e.g. 'click=3,like=1' (unlisted: the build's defaults, click 3, others 1)")] = "",
+    task_experts: Annotated[Optional[int], typer.Option(help="CGC: experts owned by each task beside the 4 shared (0: MMoE)")] = None,
+    rank_ablation: Annotated[str, typer.Option(help="also train the ranker without attention and, per listed task (comma-separated, or 'all'), a single-task model; held-out AUCs go to metrics.ranker_ablation")] = "",
 ) -> None:
     """Train and export a bundle (needs the `train` extra: torch)."""
     try:
@@ -66,7 +97,10 @@ def build(
     else:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; known: ml-100k, synthetic", param_hint="--dataset")
     manifest = build_bundle(ds, source, out, epochs_tt=epochs_tt, epochs_rank=epochs_rank, seed=seed, prerank=prerank,
-                            prerank_hard_baseline=prerank_hard_baseline, prerank_distill=prerank_distill)
+                            prerank_hard_baseline=prerank_hard_baseline, prerank_distill=prerank_distill,
+                            rank_ablation=ablation_tasks(rank_ablation, ds.schema.task_names),
+                            task_weights=parse_task_weights(task_weights, ds.schema.task_names),
+                            **({} if task_experts is None else {"task_experts": task_experts}))
     if link is not None:
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = link.with_name(link.name + ".tmp")

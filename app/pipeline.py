@@ -91,11 +91,7 @@ class Pipeline:
         self.bundle, self.settings = bundle, settings
         schema = bundle.schema
         s = settings
-        table = ItemTable(
-            bundle.item_fields,
-            bundle.item_pop,
-            [f.name for f in schema.item_fields].index(schema.category_field) if schema.category_field else None,
-        )
+        table = ItemTable.for_schema(bundle.item_fields, bundle.item_pop, schema)
         sources = [
             AnnRecall(bundle.ann_index, s.ann_k),
             ItemCFRecall(bundle.itemcf_indptr, bundle.itemcf_indices, bundle.itemcf_data, s.itemcf_seeds, s.itemcf_decay, s.quota_itemcf * 2),

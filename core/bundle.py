@@ -392,6 +392,15 @@ class Bundle:
         ut = models["user_tower"]["inputs"]
         _expect(ut.get("user_fields", [None, -1])[1] == len(schema.user_fields), "user_tower user_fields width differs from the schema")
         _expect(ut.get("hist", [None, -1])[1] == schema.history_len, "user_tower hist length differs from the schema")
+        # The serving feature assembly must build the dense features these models were trained
+        # on: a bundle from before a feature change refuses to serve instead of mis-scoring.
+        from rank.features import DENSE_FEATURES
+
+        for name in sessions:
+            if name != "user_tower" and "dense" in models[name]["inputs"]:
+                _expect(list(models[name]["inputs"]["dense"])[1] == len(DENSE_FEATURES),
+                        f"{name} was built with {list(models[name]['inputs']['dense'])[1]} dense features, this server assembles "
+                        f"{len(DENSE_FEATURES)} ({', '.join(DENSE_FEATURES)}): rebuild the bundle")
         rk = models["ranker"]["outputs"]
         _expect(list(rk.get("probs", [None, -1]))[1] == len(schema.tasks), "ranker output width differs from the number of tasks")
         if "prerank" in sessions:

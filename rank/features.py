@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DENSE_FEATURES = ("item_log_pop", "user_log_hist", "category_match")
+# Dense features: the item's log-popularity, the history length, and the match features: how
+# many of the user's recent items share this item's category / author (log1p count) and which
+# share of the history that is (rate). Datasets without authors (ml-100k) get zero columns.
+DENSE_FEATURES = ("item_log_pop", "user_log_hist", "category_log_count", "category_rate", "author_log_count", "author_rate")
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,13 @@ class ItemTable:
     item_fields: np.ndarray  # int64 [I, Fi]
     item_pop: np.ndarray  # float32 [I] log-popularity
     category_col: int | None  # column of item_fields holding the category, if any
+    author_col: int | None = None  # column of item_fields holding the author, if any
+
+    @classmethod
+    def for_schema(cls, item_fields: np.ndarray, item_pop: np.ndarray, schema) -> "ItemTable":
+        names = [f.name for f in schema.item_fields]
+        col = lambda name: names.index(name) if name and name in names else None  # noqa: E731
+        return cls(item_fields, item_pop, col(schema.category_field), col(schema.author_field))
 
 
 def pad_history(history: np.ndarray, length: int) -> np.ndarray:
@@ -48,15 +58,20 @@ def ranker_inputs(
     items = np.asarray(items, np.int64)
     hist_ids = np.asarray(hist_ids, np.int64)
     valid = hist_ids > 0
-    n_hist = valid.sum(axis=1)  # [M]
-    if table.category_col is not None:
-        cats = table.item_fields[:, table.category_col]
-        hist_cat = np.where(valid, cats[np.maximum(hist_ids - 1, 0)], -1)  # [M, L]
-        match = (hist_cat == cats[items][:, None]).sum(axis=1) / np.maximum(n_hist, 1)
-    else:
-        match = np.zeros(len(items))
+    n_hist = valid.sum(axis=1).astype(np.float32)  # [M]
     n = len(items)
-    dense = np.stack([table.item_pop[items], np.broadcast_to(np.log1p(n_hist), (n,)), np.broadcast_to(match, (n,))], axis=1).astype(np.float32)
+    dense = np.zeros((n, len(DENSE_FEATURES)), np.float32)
+    dense[:, 0] = table.item_pop[items]
+    dense[:, 1] = np.log1p(n_hist)
+    hidx = np.maximum(hist_ids - 1, 0)
+    for j, col in ((2, table.category_col), (4, table.author_col)):
+        if col is None:
+            continue
+        codes = table.item_fields[:, col]
+        hist_code = np.where(valid, codes[hidx], -1)  # [M, L]: history codes gathered once per user row
+        count = (hist_code == codes[items][:, None]).sum(axis=1).astype(np.float32)  # [N]
+        dense[:, j] = np.log1p(count)
+        dense[:, j + 1] = count / np.maximum(n_hist, 1.0)
     return {
         "user_idx": np.ascontiguousarray(np.asarray(user_idx, np.int64) + 1),
         "user_fields": np.ascontiguousarray(user_fields, dtype=np.int64),

@@ -80,7 +80,7 @@ def _world(n_users=50, n_items=80, n_user_fields=2, n_item_fields=2, L=6, seed=0
     return rng, table, user_fields, hist
 
 
-@pytest.mark.parametrize("kind", ["prerank", "ranker"])
+@pytest.mark.parametrize("kind", ["prerank", "ranker", "ranker-mean", "ranker-cgc"])
 def test_onnx_export_matches_torch_with_the_user_side_fed_once(kind, tmp_path):
     import onnxruntime as ort
     import torch
@@ -91,7 +91,10 @@ def test_onnx_export_matches_torch_with_the_user_side_fed_once(kind, tmp_path):
     rng, table, user_fields, hist = _world()
     torch.manual_seed(0)
     args = (50, 80, [4, 4], [5, 5], 3)
-    model = PrerankNet(*args) if kind == "prerank" else MultiTaskRanker(*args)
+    # the ranker: MMoE with DIN attention over history keys that carry the items' field codes,
+    # the mean-pooled ablation, and CGC (task-owned experts, masked gates)
+    model = PrerankNet(*args) if kind == "prerank" else MultiTaskRanker(
+        *args, table.item_fields, attention=kind != "ranker-mean", task_experts=int(kind == "ranker-cgc"))
     with torch.no_grad():  # non-trivial weights everywhere, not only the initialisation
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))

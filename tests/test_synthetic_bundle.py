@@ -17,7 +17,8 @@ def synthetic_bundle(tmp_path_factory):
     cfg = WorldConfig(n_items=2000, n_users=800, seed=5)
     ds = SyntheticWorld(cfg).generate_log()
     out = tmp_path_factory.mktemp("bundles") / "synth"
-    manifest = build_bundle(ds, {"dataset": "synthetic", "world": asdict(cfg)}, out, epochs_tt=3, epochs_rank=2)
+    manifest = build_bundle(ds, {"dataset": "synthetic", "world": asdict(cfg)}, out, epochs_tt=3, epochs_rank=2,
+                            rank_ablation=("long_view",))
     return out, manifest
 
 
@@ -35,6 +36,19 @@ def test_synthetic_bundle_serves_every_task(synthetic_bundle):
     assert len(out) == 20 and len(np.unique(out.item)) == 20
     assert out.heads.shape == (20, 7)
     assert not np.isin(out.item, b.user_history(7)[0]).any()
+
+
+def test_ranker_is_mmoe_din_and_the_build_reports_its_ablation(synthetic_bundle):
+    path, manifest = synthetic_bundle
+    arch = manifest["models"]["ranker"]["architecture"]
+    assert arch["kind"] == "mmoe+din" and arch["n_experts"] >= 2
+    ab = manifest["metrics"]["ranker_ablation"]
+    # the no-attention variant is scored on every head, the single-task model on its own task
+    assert set(ab["no_attention"]) == set(manifest["metrics"]["ranker_heldout"])
+    assert set(ab["single_task"]) == {"long_view"}
+    for m in [*ab["no_attention"].values(), ab["single_task"]["long_view"]]:
+        assert 0.5 < m["auc"] <= 1.0 and m["n"] > 0
+    assert ab["single_task"]["long_view"]["n"] == manifest["metrics"]["ranker_heldout"]["long_view"]["n"]
 
 
 def test_eval_on_synthetic_bundle(synthetic_bundle):
