@@ -10,10 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Dense features: the item's log-popularity, the history length, and the match features: how
-# many of the user's recent items share this item's category / author (log1p count) and which
-# share of the history that is (rate). Datasets without authors (ml-100k) get zero columns.
-DENSE_FEATURES = ("item_log_pop", "user_log_hist", "category_log_count", "category_rate", "author_log_count", "author_rate")
+# Dense features: the item's log-popularity, the history length, and the share of the user's
+# recent items in this item's category. Kept to these three by held-out AUC on the 100k world
+# (ranker alone, later-period rows): adding a category log-count column raised validation
+# click AUC 0.756 -> 0.779 and cut held-out click AUC 0.752 -> 0.718 (histories grow over time,
+# so counts drift); the author's share of the history likewise (full build: validation 0.773,
+# held-out 0.728). Both fit the training period, not what follows it.
+DENSE_FEATURES = ("item_log_pop", "user_log_hist", "category_rate")
 
 
 @dataclass(frozen=True)
@@ -23,13 +26,11 @@ class ItemTable:
     item_fields: np.ndarray  # int64 [I, Fi]
     item_pop: np.ndarray  # float32 [I] log-popularity
     category_col: int | None  # column of item_fields holding the category, if any
-    author_col: int | None = None  # column of item_fields holding the author, if any
 
     @classmethod
     def for_schema(cls, item_fields: np.ndarray, item_pop: np.ndarray, schema) -> "ItemTable":
         names = [f.name for f in schema.item_fields]
-        col = lambda name: names.index(name) if name and name in names else None  # noqa: E731
-        return cls(item_fields, item_pop, col(schema.category_field), col(schema.author_field))
+        return cls(item_fields, item_pop, names.index(schema.category_field) if schema.category_field in names else None)
 
 
 def pad_history(history: np.ndarray, length: int) -> np.ndarray:
@@ -64,14 +65,11 @@ def ranker_inputs(
     dense[:, 0] = table.item_pop[items]
     dense[:, 1] = np.log1p(n_hist)
     hidx = np.maximum(hist_ids - 1, 0)
-    for j, col in ((2, table.category_col), (4, table.author_col)):
-        if col is None:
-            continue
-        codes = table.item_fields[:, col]
+    if table.category_col is not None:
+        codes = table.item_fields[:, table.category_col]
         hist_code = np.where(valid, codes[hidx], -1)  # [M, L]: history codes gathered once per user row
         count = (hist_code == codes[items][:, None]).sum(axis=1).astype(np.float32)  # [N]
-        dense[:, j] = np.log1p(count)
-        dense[:, j + 1] = count / np.maximum(n_hist, 1.0)
+        dense[:, 2] = count / np.maximum(n_hist, 1.0)
     return {
         "user_idx": np.ascontiguousarray(np.asarray(user_idx, np.int64) + 1),
         "user_fields": np.ascontiguousarray(user_fields, dtype=np.int64),
