@@ -33,7 +33,6 @@ console = Console(stderr=True)
 # embeddings and a click-only model beat the multi-task one on click (100k world, held-out
 # click AUC 0.7421 vs 0.7527; weight 3: 0.7520, and long view 0.6267 -> 0.6308).
 RANK_TASK_WEIGHTS: dict[str, float] = {"click": 3.0}
-RANK_TASK_EXPERTS = 0  # CGC task-owned experts per task (0: MMoE)
 
 
 def load_dataset(source: dict) -> Dataset:
@@ -206,7 +205,7 @@ def build_bundle(
     max_tt_samples: int = 20_000_000, max_rank_samples: int = 9_000_000, n_catalog_neg: int = 2,
     hist_grad: bool | None = None, calibrate: bool | None = None, prerank: bool = True, prerank_hard_baseline: bool = False,
     prerank_distill: bool = True, rank_ablation: tuple[str, ...] = (), rank: bool = True,
-    task_weights: dict[str, float] | None = None, task_experts: int = RANK_TASK_EXPERTS,
+    task_weights: dict[str, float] | None = None, task_experts: int = 0,
     max_prerank_rows: int = 1_500_000, prerank_users: int = 1000, prerank_pool: int = 500, epochs_prerank: int = 2,
 ) -> dict:
     import torch
@@ -344,11 +343,12 @@ def build_bundle(
             feeds, tr_y, n_users=ds.n_users, n_items=ds.n_items,
             user_vocabs=[f.vocab for f in s.user_fields], item_vocabs=[f.vocab for f in s.item_fields],
             item_fields=ds.item_fields, epochs=epochs_rank, seed=seed, hist_grad=hist_grad, extra_rows=extra, extra_per_row=n_extra,
+            task_experts=task_experts,
             progress=lambda e, n, loss: progress.update(step, completed=e, note=f"{tag} loss {loss:.3f}"), **kw,
         )
         weights = {**RANK_TASK_WEIGHTS, **(task_weights or {})}
         w = np.array([float(weights.get(t, 1.0)) for t in s.task_names], np.float32)
-        rk = fit_ranker("ranker", task_weights=w, task_experts=task_experts)
+        rk = fit_ranker("ranker", task_weights=w)
         rk_sig = export_ranker(rk.model, len(s.user_fields), len(s.item_fields), L, tmp / "ranker.onnx")
         te_feeds = ranker_inputs(table, te_u, ds.user_fields[te_u], te_h, te_i)
         probs = predict(rk.model, te_feeds)
@@ -361,12 +361,11 @@ def build_bundle(
             # Same rows, epochs and seed: the network without target attention (mean-pooled
             # history), and per named task the same network trained on that task alone (one-hot
             # loss weight, epoch picked by that task's validation AUC). Metrics only, not served.
-            no_att = fit_ranker("no attention", attention=False, task_weights=w, task_experts=task_experts)
+            no_att = fit_ranker("no attention", attention=False, task_weights=w)
             ab = {"no_attention": head_metrics(s, te_y, predict(no_att.model, te_feeds)), "single_task": {}}
             for name in rank_ablation:
                 k = s.task_names.index(name)
-                one = fit_ranker(f"only {name}", task_weights=np.eye(len(s.tasks), dtype=np.float32)[k], select_task=k,
-                                 task_experts=task_experts)
+                one = fit_ranker(f"only {name}", task_weights=np.eye(len(s.tasks), dtype=np.float32)[k], select_task=k)
                 ab["single_task"][name] = head_metrics(s, te_y, predict(one.model, te_feeds))[name]
             metrics["ranker_ablation"] = ab
 

@@ -71,7 +71,7 @@ def build(
     prerank_hard_baseline: Annotated[bool, typer.Option(help="also train stage B on hard labels only and report its held-out AUC (ablation)")] = False,
     prerank_distill: Annotated[bool, typer.Option(help="--no-prerank-distill ships stage B trained on hard labels only (ablation bundle)")] = True,
     task_weights: Annotated[str, typer.Option(help="ranker loss weight per task, e.g. 'click=3,like=1' (unlisted: the build's defaults, click 3, others 1)")] = "",
-    task_experts: Annotated[Optional[int], typer.Option(help="CGC: experts owned by each task beside the 4 shared (0: MMoE)")] = None,
+    task_experts: Annotated[int, typer.Option(help="CGC: experts owned by each task beside the 4 shared (0: MMoE)")] = 0,
     rank_ablation: Annotated[str, typer.Option(help="also train the ranker without attention and, per listed task (comma-separated, or 'all'), a single-task model; held-out AUCs go to metrics.ranker_ablation")] = "",
 ) -> None:
     """Train and export a bundle (needs the `train` extra: torch)."""
@@ -99,8 +99,7 @@ def build(
     manifest = build_bundle(ds, source, out, epochs_tt=epochs_tt, epochs_rank=epochs_rank, seed=seed, prerank=prerank,
                             prerank_hard_baseline=prerank_hard_baseline, prerank_distill=prerank_distill,
                             rank_ablation=ablation_tasks(rank_ablation, ds.schema.task_names),
-                            task_weights=parse_task_weights(task_weights, ds.schema.task_names),
-                            **({} if task_experts is None else {"task_experts": task_experts}))
+                            task_weights=parse_task_weights(task_weights, ds.schema.task_names), task_experts=task_experts)
     if link is not None:
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = link.with_name(link.name + ".tmp")

@@ -397,9 +397,9 @@ class Bundle:
         from rank.features import DENSE_FEATURES
 
         for name in sessions:
-            if name != "user_tower" and "dense" in models[name]["inputs"]:
-                _expect(list(models[name]["inputs"]["dense"])[1] == len(DENSE_FEATURES),
-                        f"{name} was built with {list(models[name]['inputs']['dense'])[1]} dense features, this server assembles "
+            width = list(models[name]["inputs"].get("dense", [None, None]))[1]
+            if name != "user_tower" and width is not None:
+                _expect(width == len(DENSE_FEATURES), f"{name} was built with {width} dense features, this server assembles "
                         f"{len(DENSE_FEATURES)} ({', '.join(DENSE_FEATURES)}): rebuild the bundle")
         rk = models["ranker"]["outputs"]
         _expect(list(rk.get("probs", [None, -1]))[1] == len(schema.tasks), "ranker output width differs from the number of tasks")

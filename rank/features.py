@@ -64,10 +64,9 @@ def ranker_inputs(
     dense = np.zeros((n, len(DENSE_FEATURES)), np.float32)
     dense[:, 0] = table.item_pop[items]
     dense[:, 1] = np.log1p(n_hist)
-    hidx = np.maximum(hist_ids - 1, 0)
     if table.category_col is not None:
         codes = table.item_fields[:, table.category_col]
-        hist_code = np.where(valid, codes[hidx], -1)  # [M, L]: history codes gathered once per user row
+        hist_code = np.where(valid, codes[np.maximum(hist_ids - 1, 0)], -1)  # [M, L]: history codes gathered once per user row
         count = (hist_code == codes[items][:, None]).sum(axis=1).astype(np.float32)  # [N]
         dense[:, 2] = count / np.maximum(n_hist, 1.0)
     return {
