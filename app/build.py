@@ -342,8 +342,8 @@ def build_bundle(
         fit_ranker = lambda tag, **kw: train_ranker(  # noqa: E731
             feeds, tr_y, n_users=ds.n_users, n_items=ds.n_items,
             user_vocabs=[f.vocab for f in s.user_fields], item_vocabs=[f.vocab for f in s.item_fields],
-            item_fields=ds.item_fields, epochs=epochs_rank, seed=seed, hist_grad=hist_grad, extra_rows=extra, extra_per_row=n_extra,
-            task_experts=task_experts,
+            item_fields=ds.item_fields, item_dense=ds.item_dense, epochs=epochs_rank, seed=seed, hist_grad=hist_grad, extra_rows=extra,
+            extra_per_row=n_extra, task_experts=task_experts,
             progress=lambda e, n, loss: progress.update(step, completed=e, note=f"{tag} loss {loss:.3f}"), **kw,
         )
         weights = {**RANK_TASK_WEIGHTS, **(task_weights or {})}

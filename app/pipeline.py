@@ -106,6 +106,7 @@ class Pipeline:
             f = bundle.follow
             sources.append(FollowRecall(f["user_indptr"], f["user_authors"], f["author_indptr"], f["author_items"], bundle.item_created, s.quota_follow * 2, s.follow_per_author))
         self.fusion_params = default_params(schema, s.fusion)
+        models = bundle.manifest.get("models", {})
         fusion = MultiplicativeFusion(schema, self.fusion_params)  # the fusion stage; stage B cuts by the same formula
         self.stages: list[Stage] = [
             UserQueryStage(bundle.user_tower, schema.history_len),
@@ -115,10 +116,11 @@ class Pipeline:
                 path_budget_s=s.recall_path_budget_ms / 1e3, stage_budget_s=s.recall_budget_ms / 1e3,
             ),
             TwoTowerPrerank(bundle.item_emb, s.prerank_a_keep),
-            *([DistilledPrerank(bundle.prerank, table, schema.history_len, fusion, s.prerank_b_keep)]
+            *([DistilledPrerank(bundle.prerank, table, schema.history_len, fusion, s.prerank_b_keep, history_trim=bool(models.get("prerank", {}).get("history_trim")))]
               if bundle.prerank is not None else []),
             MultiTaskRankerStage(bundle.ranker, table, schema.history_len, len(schema.tasks),
-                                 user_broadcast=bool(bundle.manifest.get("models", {}).get("ranker", {}).get("user_broadcast", False))),
+                                 user_broadcast=bool(models.get("ranker", {}).get("user_broadcast", False)),
+                                 history_trim=bool(models.get("ranker", {}).get("history_trim", False))),
             fusion,
             make_reranker(schema, bundle.item_fields, s),  # rerank_mode: beam | greedy | sort
         ]

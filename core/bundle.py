@@ -406,7 +406,9 @@ class Bundle:
         if "prerank" in sessions:
             pr = models["prerank"]
             _expect(list(pr["outputs"].get("probs", [None, -1]))[1] == len(schema.tasks), "prerank output width differs from the number of tasks")
-            _expect(pr["inputs"].get("hist", [None, -1])[1] == schema.history_len, "prerank hist length differs from the schema")
+            # history_trim: the history axis is dynamic (at most history_len), else it is history_len
+            _expect(pr["inputs"].get("hist", [None, -1])[1] == (None if pr.get("history_trim") else schema.history_len),
+                    "prerank hist length differs from the schema")
 
         b = cls(
             path=path,

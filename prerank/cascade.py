@@ -34,11 +34,12 @@ class TwoTowerPrerank:
 class DistilledPrerank:
     name = "prerank_b"
 
-    def __init__(self, session, table: ItemTable, history_len: int, fusion: MultiplicativeFusion, keep: int):
+    def __init__(self, session, table: ItemTable, history_len: int, fusion: MultiplicativeFusion, keep: int, history_trim: bool = False):
         self.session, self.table, self.history_len, self.fusion, self.keep = session, table, history_len, fusion, keep
+        self.history_trim = history_trim
 
     def __call__(self, ctx: RequestContext, cands: Candidates) -> Candidates:
         if len(cands) <= self.keep:
             return cands  # nothing to cut: the ranker sees them all
-        (probs,) = self.session.run(["probs"], request_inputs(self.table, ctx, self.history_len, cands.item))
+        (probs,) = self.session.run(["probs"], request_inputs(self.table, ctx, self.history_len, cands.item, trim=self.history_trim))
         return cands.with_scores(self.fusion.score(ctx, probs)).top(self.keep)

@@ -47,12 +47,14 @@ class PrerankNet(nn.Module):
         self.heads = nn.Linear(d, n_tasks)
 
     def init_from(self, teacher: nn.Module) -> None:
-        """Start from the teacher's id and field tables where the shapes agree."""
+        """Start from the teacher's id and field tables where the shapes agree (its item rows
+        with their content projection folded in, where the teacher has one)."""
         with torch.no_grad():
             for name in ("user_emb", "item_emb"):
                 a, b = getattr(self, name), getattr(teacher, name, None)
                 if b is not None and a.weight.shape == b.weight.shape:
-                    a.weight.copy_(b.weight)
+                    vectors = getattr(teacher, "item_vectors", None)
+                    a.weight.copy_(vectors(torch.arange(b.num_embeddings), grad=False) if name == "item_emb" and vectors else b.weight)
             for name in ("user_fields", "item_fields"):
                 a, b = getattr(self, name).state_dict(), getattr(teacher, name, None)
                 if b is not None and all(b.state_dict()[k].shape == v.shape for k, v in a.items()):

@@ -79,11 +79,16 @@ def ranker_inputs(
     }
 
 
-def request_inputs(table: ItemTable, ctx, history_len: int, items: np.ndarray, user_rows: int = 1) -> dict[str, np.ndarray]:
+def request_inputs(table: ItemTable, ctx, history_len: int, items: np.ndarray, user_rows: int = 1, trim: bool = False) -> dict[str, np.ndarray]:
     """The feed for one request's user (a RequestContext) over `items` when serving: the user
     side in `user_rows` rows (1: the model broadcasts it; len(items): one per row, for models
-    exported before user broadcast)."""
+    exported before user broadcast). `trim`: the history only as long as the user's (at least
+    one slot), for models exported with a dynamic history length; the attention's cost is
+    candidates × history slots, and most users have far fewer than `history_len` items."""
     hist = pad_history(ctx.history, history_len)
+    if trim:
+        hist = hist[: max(1, min(len(ctx.history), history_len))]
+    history_len = len(hist)
     return ranker_inputs(
         table,
         np.full(user_rows, ctx.user_idx, np.int64),

@@ -16,6 +16,7 @@ batched matmuls (bmm), so the ONNX graph is a handful of MatMuls whatever the ex
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class TargetAttention(nn.Module):
 class MultiTaskRanker(nn.Module):
     def __init__(self, n_users, n_items, user_vocabs, item_vocabs, n_tasks, item_fields: np.ndarray | None = None, dim=16,
                  n_experts=4, expert_hidden=(64, 32), tower=16, attention=True, att_hidden=16, hist_grad=False,
-                 task_experts=0):
+                 task_experts=0, item_dense: np.ndarray | None = None):
         super().__init__()
         # task_experts > 0: CGC (PLE's single level): besides the n_experts shared experts each
         # task owns task_experts experts, and a task's gate sees only its own and the shared ones.
@@ -61,7 +62,8 @@ class MultiTaskRanker(nn.Module):
         self.hist_grad, self.n_tasks, self.n_experts = hist_grad, n_tasks, E
         kind = ("cgc" if task_experts else "mmoe") + ("+din" if attention else "+mean")
         self.config = dict(kind=kind, dim=dim, n_experts=n_experts, task_experts=task_experts,
-                           expert_hidden=list(expert_hidden), tower=tower, att_hidden=att_hidden if attention else 0)
+                           expert_hidden=list(expert_hidden), tower=tower, att_hidden=att_hidden if attention else 0,
+                           item_content=0 if item_dense is None else int(item_dense.shape[1]))
         # sparse: only a batch's rows are updated (RowAdam), which keeps 1M-item catalogs cheap
         self.user_emb = nn.Embedding(n_users + 1, dim, sparse=True)
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0, sparse=True)
@@ -73,6 +75,16 @@ class MultiTaskRanker(nn.Module):
         # category and author as the query does, not only the (sparse, tail-noisy) item id.
         codes = None if item_fields is None else np.concatenate([np.zeros((1, item_fields.shape[1]), np.int64), np.asarray(item_fields, np.int64)])
         self.register_buffer("item_codes", None if codes is None else torch.from_numpy(codes), persistent=False)
+        # Item content vectors (where the dataset has them): a linear projection added to the id
+        # embedding of candidates and history keys alike. Tail items' id rows are barely trained;
+        # content places them by what they are, which is what catalog-wide scoring leans on.
+        # Folded into the id table at export (`folded`), so the ONNX model holds one table.
+        dense = None
+        if item_dense is not None and item_dense.shape[1] > 0:
+            dense = torch.from_numpy(np.concatenate([np.zeros((1, item_dense.shape[1]), np.float32), np.asarray(item_dense, np.float32)]))
+        self.register_buffer("content", dense, persistent=False)
+        if dense is not None:
+            self.content_proj = nn.Linear(item_dense.shape[1], dim, bias=False)
         self.att = TargetAttention(dim, att_hidden) if attention else None
         n_dense = len(DENSE_FEATURES)
         self.in_dim = 6 * dim + n_dense  # user, profile, item, sequence, item*sequence, |item-sequence|, dense
@@ -98,9 +110,27 @@ class MultiTaskRanker(nn.Module):
             for k in range(p.shape[0]):
                 nn.init.kaiming_uniform_(p.data[k].T, a=5 ** 0.5)
 
+    def item_vectors(self, ids: torch.Tensor, grad: bool = True) -> torch.Tensor:
+        """Id embedding (+ content projection) of item ids (0 = padding)."""
+        e = self.item_emb(ids) if grad else F.embedding(ids, self.item_emb.weight.detach(), padding_idx=0)
+        if self.content is not None:
+            e = e + self.content_proj(self.content[ids])
+        return e
+
+    @torch.no_grad()
+    def folded(self) -> "MultiTaskRanker":
+        """A copy for export whose id table already holds id embedding + content projection."""
+        m = copy.deepcopy(self)
+        if m.content is not None:
+            table = m.item_vectors(torch.arange(m.item_emb.num_embeddings), grad=False)
+            table[0] = 0.0
+            m.item_emb.weight.copy_(table)
+            m.content = None
+        return m
+
     def item_keys(self, ids: torch.Tensor, grad: bool) -> torch.Tensor:
         """Key vectors of item ids [U] (0 = padding): id embedding (+ its fields' embeddings)."""
-        k = self.item_emb(ids) if grad else F.embedding(ids, self.item_emb.weight.detach(), padding_idx=0)
+        k = self.item_vectors(ids, grad)
         if self.item_codes is not None:
             k = k + self.item_fields(self.item_codes[ids])
         return k
@@ -119,7 +149,7 @@ class MultiTaskRanker(nn.Module):
         # shared by all items (serving one user): the user side is embedded and the history's
         # keys computed once, then broadcast against the candidates.
         n = item_idx.shape[0]
-        q = self.item_emb(item_idx) + self.item_fields(item_fields)
+        q = self.item_vectors(item_idx) + self.item_fields(item_fields)
         k = self.history_keys(hist)  # [M, L, d]
         s = self.att(q, k, hist > 0) if self.att is not None else masked_mean(k, hist).expand(n, -1)
         u = self.user_emb(user_idx).expand(n, -1)
@@ -191,6 +221,7 @@ def train_ranker(
     seed: int = 0,
     hist_grad: bool = False,
     item_fields: np.ndarray | None = None,
+    item_dense: np.ndarray | None = None,  # float32 [I, Dc] item content vectors, if the dataset has them
     attention: bool = True,
     extra_rows=None,
     extra_per_row: int = 0,
@@ -210,7 +241,8 @@ def train_ranker(
     n, t = labels.shape
     per_row = 1 + (extra_per_row if extra_rows is not None else 0)
     batch_size = batch_size or max(1, int(np.clip(n * per_row // 300, 256, 2048)) // per_row)
-    model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t, item_fields, hist_grad=hist_grad, attention=attention, **arch)
+    model = MultiTaskRanker(n_users, n_items, user_vocabs, item_vocabs, t, item_fields, hist_grad=hist_grad, attention=attention,
+                            item_dense=item_dense, **arch)
     opt = id_table_optimizer(model, lr, weight_decay)
     tensors, y, m = training_tensors(feeds, labels)
     mask = ~np.isnan(labels)
@@ -290,7 +322,10 @@ def export_ranking_onnx(model: nn.Module, n_tasks: int, n_user_fields: int, n_it
         str(path),
         input_names=INPUT_NAMES,
         output_names=["probs"],
-        dynamic_axes={k: {0: "user_batch" if k in USER_INPUTS else "batch"} for k in INPUT_NAMES + ["probs"]},
+        # the history's length is dynamic too: serving feeds only the user's actual history
+        # (padding is masked out of the pooling, so a trimmed history scores the same)
+        dynamic_axes={k: {0: "user_batch" if k in USER_INPUTS else "batch", **({1: "history"} if k == "hist" else {})}
+                      for k in INPUT_NAMES + ["probs"]},
         opset_version=17,
         dynamo=False,
     )
@@ -298,16 +333,17 @@ def export_ranking_onnx(model: nn.Module, n_tasks: int, n_user_fields: int, n_it
         "inputs": {
             "user_idx": [None],
             "user_fields": [None, n_user_fields],
-            "hist": [None, history_len],
+            "hist": [None, None],  # at most history_len
             "item_idx": [None],
             "item_fields": [None, n_item_fields],
             "dense": [None, len(DENSE_FEATURES)],
         },
         "outputs": {"probs": [None, n_tasks]},
         "user_broadcast": True,  # user inputs may have batch 1 (rank/ranker.py, prerank/cascade.py feed them so)
+        "history_trim": True,  # hist may be shorter than history_len (serving feeds the user's actual history)
     }
 
 
 def export_ranker(model: MultiTaskRanker, n_user_fields: int, n_item_fields: int, history_len: int, path: Path) -> dict:
-    sig = export_ranking_onnx(model, model.n_tasks, n_user_fields, n_item_fields, history_len, path, user_batch=2, item_batch=2)
+    sig = export_ranking_onnx(model.folded(), model.n_tasks, n_user_fields, n_item_fields, history_len, path, user_batch=2, item_batch=2)
     return {**sig, "architecture": model.config}

@@ -80,7 +80,7 @@ def _world(n_users=50, n_items=80, n_user_fields=2, n_item_fields=2, L=6, seed=0
     return rng, table, user_fields, hist
 
 
-@pytest.mark.parametrize("kind", ["prerank", "ranker", "ranker-mean", "ranker-cgc"])
+@pytest.mark.parametrize("kind", ["prerank", "ranker", "ranker-mean", "ranker-cgc", "ranker-content"])
 def test_onnx_export_matches_torch_with_the_user_side_fed_once(kind, tmp_path):
     import onnxruntime as ort
     import torch
@@ -92,9 +92,11 @@ def test_onnx_export_matches_torch_with_the_user_side_fed_once(kind, tmp_path):
     torch.manual_seed(0)
     args = (50, 80, [4, 4], [5, 5], 3)
     # the ranker: MMoE with DIN attention over history keys that carry the items' field codes,
-    # the mean-pooled ablation, and CGC (task-owned experts, masked gates)
+    # the mean-pooled ablation, CGC (task-owned experts, masked gates), and item content vectors
+    # (folded into the id table at export)
+    content = rng.normal(size=(80, 3)).astype(np.float32) if kind == "ranker-content" else None
     model = PrerankNet(*args) if kind == "prerank" else MultiTaskRanker(
-        *args, table.item_fields, attention=kind != "ranker-mean", task_experts=int(kind == "ranker-cgc"))
+        *args, table.item_fields, attention=kind != "ranker-mean", task_experts=int(kind == "ranker-cgc"), item_dense=content)
     with torch.no_grad():  # non-trivial weights everywhere, not only the initialisation
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -110,6 +112,11 @@ def test_onnx_export_matches_torch_with_the_user_side_fed_once(kind, tmp_path):
     with torch.no_grad():
         want = model(*(torch.from_numpy(np.ascontiguousarray(per_row[k])) for k in INPUT_NAMES)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+    # the history axis is dynamic: a history fed only as long as the user's (serving, trim)
+    # scores as the padded one does
+    full = dict(once, hist=np.array([[5, 9, 2, 0, 0, 0]]))
+    short = dict(once, hist=np.array([[5, 9, 2]]))
+    np.testing.assert_allclose(sess.run(["probs"], short)[0], sess.run(["probs"], full)[0], atol=1e-5)
 
 
 def test_distillation_learns_the_teacher_where_there_are_no_labels():

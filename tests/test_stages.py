@@ -166,13 +166,16 @@ def test_merge_puts_multi_path_items_first():
 
 
 def test_ranker_user_side_once_equals_per_row(pipeline):
-    """The served ranker embeds the user and pools the history once (batch-1 user inputs);
-    the per-row feed of training and evaluation must give the same probabilities."""
+    """The served ranker embeds the user and pools the history once (batch-1 user inputs,
+    the history only as long as the user's); the per-row, padded feed of training and
+    evaluation must give the same probabilities."""
     from rank.features import pad_history, ranker_inputs
 
     stage = next(s for s in pipeline.stages if s.name == "rank")
     assert stage.user_broadcast, "bundles built now export the broadcasting ranker"
+    assert stage.history_trim, "and take the user's history unpadded"
     ctx = _prepared(pipeline)
+    assert 0 < len(ctx.history) < stage.history_len  # so the served feed is the trimmed one
     cands = pipeline.stage("recall")(ctx, Candidates.empty()).top(60)
     served = stage(ctx, cands)
     n = len(cands)
