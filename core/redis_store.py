@@ -291,12 +291,18 @@ class RedisStore:
 
     # ------------------------------------------------------------------ tuner state
 
-    def bucket_stats(self, scene: str, round_id: int) -> dict[str, BucketStats]:
+    def bucket_stats(self, scene: str, round_id: int, settle_s: float = 0.0) -> dict[str, BucketStats]:
         """Catches up with the feedback stream first (read barrier): every event acknowledged
-        before this call and not held by another live consumer is counted."""
-        for _ in range(100):
-            if self.consume_feedback(count=1000) == 0:
+        before this call and not held by another live consumer is counted; with `settle_s`,
+        also waits up to that long for the entries other consumers hold (read, not yet applied)."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            for _ in range(100):
+                if self.consume_feedback(count=1000) == 0:
+                    break
+            if settle_s <= 0 or time.monotonic() > deadline or not self.r.xpending(self.stream, self.GROUP)["pending"]:
                 break
+            time.sleep(0.01)
         raw = self.r.hgetall(f"{self.p}stats:{scene}:{int(round_id)}")
         acc: dict[str, dict[str, str]] = {}
         for field, v in raw.items():

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from core.store import FeedbackEvent, ServedRequest
+from core.store import FeedbackEvent, ServedRequest, set_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS served (
@@ -61,7 +61,7 @@ class Spool:
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
         self._lock = threading.Lock()
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            set_wal(self._conn, 30.0)
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)
         self.pending = self.count()  # this process's last view of the row count (refreshed by count())

@@ -116,7 +116,9 @@ class Store(Protocol):
     def user_events(self, user_id: str, limit: int) -> list[tuple[str, str, float]]: ...
     def feedback_count(self) -> int: ...
     # tuner statistics, documents, history, locks
-    def bucket_stats(self, scene: str, round_id: int) -> dict[str, BucketStats]: ...
+    def bucket_stats(self, scene: str, round_id: int, settle_s: float = 0.0) -> dict[str, BucketStats]: ...
+    # settle_s: a backend that applies feedback asynchronously may wait up to this long for
+    # events already acknowledged but still being applied (closing a round, admin reads)
     def get_doc(self, key: str) -> Doc | None: ...
     def commit(self, writes: list[DocWrite], history: list[dict] | None = None) -> bool: ...
     def history(self, scene: str, limit: int = 100, before: int | None = None, kind: str | None = None) -> list[dict]: ...
@@ -169,6 +171,20 @@ CREATE TABLE IF NOT EXISTS locks (
 """
 
 
+def set_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Switch a database to WAL. Two workers opening a new database at once can get "database
+    is locked" here at once: SQLite does not run the busy handler for this switch, so retry."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class SQLiteStore:
     """One connection guarded by a lock; feedback commits with synchronous=FULL so an
     acknowledged event survives a crash. Several processes may share the file (WAL; writers
@@ -182,7 +198,7 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self.served_ttl_s = served_ttl_s
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            set_wal(self._conn, 30.0)
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -299,7 +315,7 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ tuner state
 
-    def bucket_stats(self, scene: str, round_id: int) -> dict[str, BucketStats]:
+    def bucket_stats(self, scene: str, round_id: int, settle_s: float = 0.0) -> dict[str, BucketStats]:  # applied synchronously
         with self._lock:
             rows = self._conn.execute(
                 "SELECT bucket, n, sum, sumsq FROM bucket_stats WHERE scene = ? AND round = ?", (scene, int(round_id))

@@ -334,6 +334,7 @@ class FusionTuner:
     tuner is switched off."""
 
     LOCK_TTL_S = 30.0
+    SETTLE_S = 1.0  # at most this long for feedback other workers have read but not yet applied
 
     def __init__(self, store: Store, scene: str, schema: Schema, bounds: FusionBounds, prior: Params,
                  initial_config: TunerConfig | None = None, owner: str | None = None, clock=time.time):
@@ -417,7 +418,7 @@ class FusionTuner:
             state = doc.value["state"]
             if not cfg.enabled or not self._valid_state(state) or state["round"]["id"] != rnd["id"]:
                 return None  # someone else closed (or reset) it meanwhile
-            stats = self.store.bucket_stats(self.scene, rnd["id"])
+            stats = self.store.bucket_stats(self.scene, rnd["id"], settle_s=self.SETTLE_S)  # under the lock: wait for in-flight feedback
             reason = round_ready(cfg, state, stats, now)
             if reason is None:
                 return None
@@ -513,7 +514,7 @@ class FusionTuner:
             "tuned_tasks": [t for t, k in zip(tasks, state["tuned"]) if k],
         }
         if rnd and cfg.enabled:
-            stats = self.store.bucket_stats(self.scene, rnd["id"])
+            stats = self.store.bucket_stats(self.scene, rnd["id"], settle_s=self.SETTLE_S)
             for b in experiment_buckets(rnd["population"]) + [MAIN]:
                 s = stats.get(b, BucketStats())
                 theta = rnd["buckets"].get(b, state["mean"])

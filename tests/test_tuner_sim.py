@@ -47,6 +47,8 @@ def test_report_contract_es_via_cli(small_world_bundle, tmp_path):
         assert key in rep
     assert rep["algo"] == "es" and rep["rounds"] == 2 and rep["tuner_config"]["step_size"] == 0.2
     assert [r["round"] for r in rep["series"]] == [1, 2] and all(r["update"] in ("es", "skipped", "rollback") for r in rep["series"])
-    assert rep["reward_oracle"] >= rep["reward_prior"] - 1e-9  # the oracle search starts from the prior
+    # the oracle search starts from the prior: on its own users it never ends below it (on the
+    # disjoint evaluation users a 2-iteration search may)
+    assert rep["oracle_search"]["reward_best"] >= rep["oracle_search"]["reward_prior"] - 1e-9
     assert all(r["buckets"]["x0"]["n"] >= 60 for r in rep["series"])
     assert rep["plot"] is None or (tmp_path / "es.png").stat().st_size > 0
