@@ -181,6 +181,38 @@ def train_prerank_rows(teacher, ds: Dataset, table: ItemTable, train_pos: np.nda
     return res, {"logged": int(len(keep)), "recall_sampled": int(n_recall)}
 
 
+def recall_teacher(teacher, table: ItemTable, ds: Dataset, users: np.ndarray, hist: np.ndarray, tt, pool: int,
+                   rng: np.random.Generator, chunk_rows: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """(pools [U, pool], teacher click logits [U, pool]) for recall distillation: each user's
+    pool is the two-tower's top half (where recall looks) and a uniform half of the catalog
+    (where it does not), scored by the ranker given the user's training history."""
+    from rank.train import predict
+    from retrieval.twotower_train import user_embeddings
+
+    q = user_embeddings(tt.user_tower, users, ds.user_fields[users], hist)
+    half = min(pool // 2, ds.n_items)
+    pools = np.concatenate([hard_negative_pool(q, tt.item_emb, half), rng.integers(0, ds.n_items, (len(users), pool - half))], axis=1)
+    logits = np.empty(pools.shape, np.float32)
+    step = max(1, chunk_rows // pools.shape[1])
+    for s in range(0, len(users), step):  # the repeated histories of all users at once would not fit
+        u = np.repeat(users[s : s + step], pools.shape[1])
+        feeds = ranker_inputs(table, u, ds.user_fields[u], np.repeat(hist[s : s + step], pools.shape[1], axis=0), pools[s : s + step].ravel())
+        p = np.clip(predict(teacher, feeds)[:, 0].astype(np.float64), 1e-6, 1 - 1e-6)
+        logits[s : s + step] = np.log(p / (1 - p)).reshape(-1, pools.shape[1])
+    return pools, logits
+
+
+def pool_agreement(tt, ds: Dataset, users: np.ndarray, hist: np.ndarray, pools: np.ndarray, teacher: np.ndarray, k: int = 20, top: int = 100) -> float:
+    """Share of the teacher's top-k of each user's pool that the two-tower ranks in its top `top` of the pool."""
+    from retrieval.twotower_train import user_embeddings
+
+    q = user_embeddings(tt.user_tower, users, ds.user_fields[users], hist)
+    student = np.einsum("ud,upd->up", q, tt.item_emb[pools])
+    t_top = np.argsort(-teacher, axis=1)[:, :k]
+    s_top = np.argsort(-student, axis=1)[:, :top]
+    return round(float(np.mean([np.isin(pools[i, t_top[i]], pools[i, s_top[i]]).mean() for i in range(len(users))])), 4)
+
+
 def user_queries(tower, ds: Dataset, train_pos: np.ndarray, users: np.ndarray) -> np.ndarray:
     """Query vectors of `users` after their training history (what serving would compute)."""
     from retrieval.twotower_train import user_embeddings
@@ -207,6 +239,7 @@ def build_bundle(
     prerank_distill: bool = True, rank_ablation: tuple[str, ...] = (), rank: bool = True,
     task_weights: dict[str, float] | None = None, task_experts: int = 0,
     max_prerank_rows: int = 1_500_000, prerank_users: int = 1000, prerank_pool: int = 500, epochs_prerank: int = 2,
+    recall_distill: bool = True, distill_users: int = 4000, distill_pool: int = 2000, epochs_distill: int = 5,
 ) -> dict:
     import torch
 
@@ -283,21 +316,11 @@ def build_bundle(
             row_hist=tt_hist, row_item=ds.ev_item[rows], row_ts=ds.ev_ts[rows], item_dense=ds.item_dense, dim=s.emb_dim, epochs=epochs_tt, seed=seed, hist_grad=hist_grad,
             progress=lambda e, n, loss: progress.update(step, completed=e, note=f"loss {loss:.3f}"),
         )
-        ut_sig = export_user_tower(tt.user_tower, len(s.user_fields), L, tmp / "user_tower.onnx")
-        np.save(tmp / "item_emb.npy", tt.item_emb)
         metrics["two_tower"] = {"train_loss": round(tt.train_loss, 4), "epochs": epochs_tt, "rows": int(len(tt_rows))}
-
-        step = progress.add_task("ann index", total=1, note="")
-        import faiss
-
         # Query vectors of real users tune the index (efSearch) and give hard negatives.
         q_users = np.unique(ds.ev_user[train_pos])
         pool_users = q_users if (ds.implicit_negatives and n_hard) else rng.choice(q_users, min(len(q_users), 1000), replace=False)
         queries = user_queries(tt.user_tower, ds, train_pos, pool_users)
-        index, ann_params = build_index(tt.item_emb, queries[:1000], k=ann_k)
-        faiss.write_index(index, str(tmp / "ann.faiss"))
-        progress.update(step, advance=1, note=f"{ann_params['type']} recall@{ann_params['k']} {ann_params['recall_at_k']}")
-        metrics["ann_index"] = {k: v for k, v in ann_params.items() if k != "tried"}
 
         # 4. item-CF (both similarities; `itemcf` picks the one served) and graph
         step = progress.add_task("item-cf", total=2, note="cosine")
@@ -356,7 +379,7 @@ def build_bundle(
         metrics["ranker_train_loss"] = round(rk.train_loss, 4)
         metrics["ranker_training"] = {"task_weights": dict(zip(s.task_names, w.tolist())), "max_epochs": epochs_rank, "best_epoch": rk.best_epoch, "val_click_auc": rk.val_auc,
                                       "rows": int(len(tr_u)), "catalog_negatives_per_row": n_extra}
-        models = {"user_tower": ut_sig, "ranker": rk_sig}
+        models = {"ranker": rk_sig}
         if rank_ablation:
             # Same rows, epochs and seed: the network without target attention (mean-pooled
             # history), and per named task the same network trained on that task alone (one-hot
@@ -369,7 +392,40 @@ def build_bundle(
                 ab["single_task"][name] = head_metrics(s, te_y, predict(one.model, te_feeds))[name]
             metrics["ranker_ablation"] = ab
 
-        # 5b. pre-rank stage B, distilled from the ranker
+        # 5a. the two-tower distilled from the ranker (recall that finds what the ranker ranks on top)
+        if recall_distill and rank:
+            from retrieval.twotower_train import distill_two_tower
+
+            step = progress.add_task("recall distill", total=epochs_distill, note="")
+            d_users = rng.choice(q_users, min(len(q_users), distill_users), replace=False)
+            d_hist = last_train_history(ds, train_pos, d_users)
+            d_pools, d_teacher = recall_teacher(rk.model, table, ds, d_users, d_hist, tt, distill_pool, rng)
+            n_fit = len(d_users) - min(len(d_users) // 10, 200)  # the last users are held out: the report's before / after
+            before = pool_agreement(tt, ds, d_users[n_fit:], d_hist[n_fit:], d_pools[n_fit:], d_teacher[n_fit:])
+            tt = distill_two_tower(
+                tt, user_idx=d_users[:n_fit], user_fields=ds.user_fields[d_users[:n_fit]], hist=d_hist[:n_fit], pools=d_pools[:n_fit],
+                teacher=d_teacher[:n_fit], epochs=epochs_distill, seed=seed,
+                progress=lambda e, n, loss: progress.update(step, completed=e, note=f"loss {loss:.3f}"),
+            )
+            after = pool_agreement(tt, ds, d_users[n_fit:], d_hist[n_fit:], d_pools[n_fit:], d_teacher[n_fit:])
+            metrics["recall_distill"] = {"users": int(n_fit), "heldout_users": int(len(d_users) - n_fit), "pool": int(d_pools.shape[1]),
+                                         "epochs": epochs_distill, "train_loss": round(tt.train_loss, 4),
+                                         "heldout_teacher_top20_in_student_top100": {"before": before, "after": after}}
+            queries = user_queries(tt.user_tower, ds, train_pos, pool_users)
+
+        # 5b. the two-tower's artefacts: user tower, item table, ANN index
+        ut_sig = export_user_tower(tt.user_tower, len(s.user_fields), L, tmp / "user_tower.onnx")
+        models["user_tower"] = ut_sig
+        np.save(tmp / "item_emb.npy", tt.item_emb)
+        step = progress.add_task("ann index", total=1, note="")
+        import faiss
+
+        index, ann_params = build_index(tt.item_emb, queries[:1000], k=ann_k)
+        faiss.write_index(index, str(tmp / "ann.faiss"))
+        progress.update(step, advance=1, note=f"{ann_params['type']} recall@{ann_params['k']} {ann_params['recall_at_k']}")
+        metrics["ann_index"] = {k: v for k, v in ann_params.items() if k != "tried"}
+
+        # 5c. pre-rank stage B, distilled from the ranker
         if prerank:
             from prerank.train import export_prerank
 

@@ -243,8 +243,26 @@ class MultiOptimizer:
 @dataclass
 class TwoTowerResult:
     user_tower: UserTower
+    item_tower: ItemTower
+    item_fields: torch.Tensor  # int64 [I, Fi]: the item tower's field input
     item_emb: np.ndarray  # float32 [I, D], L2-normalised
     train_loss: float
+
+
+def _optimizer(item_tower: ItemTower, user_tower: UserTower, lr: float):
+    sparse = [item_tower.input.item_emb.weight, user_tower.user_emb.weight]
+    dense = [p for p in list(item_tower.parameters()) + list(user_tower.parameters()) if all(p is not q for q in sparse)]
+    dense = list({id(p): p for p in dense}.values())  # the history input is the item input: count it once
+    return MultiOptimizer(torch.optim.Adam(dense, lr=lr), embedding_optimizer(sparse, lr))
+
+
+def item_embeddings(item_tower: ItemTower, item_fields: torch.Tensor, chunk: int = 65536) -> np.ndarray:
+    """float32 [I, D]: every item through the item tower (eval mode)."""
+    item_tower.eval()
+    n_items = len(item_fields)
+    with torch.no_grad():
+        embs = [item_tower(idx + 1, item_fields[idx]).numpy() for idx in (torch.arange(s, min(s + chunk, n_items)) for s in range(0, n_items, chunk))]
+    return np.concatenate(embs).astype(np.float32)
 
 
 def train_two_tower(
@@ -274,10 +292,7 @@ def train_two_tower(
     rng = np.random.default_rng(seed)
     item_tower = ItemTower(n_items, item_vocabs, dim, item_dense)
     user_tower = UserTower(n_users, n_items, user_vocabs, dim, item_tower.input, hist_grad)
-    sparse = [item_tower.input.item_emb.weight, user_tower.user_emb.weight]
-    dense = [p for p in list(item_tower.parameters()) + list(user_tower.parameters()) if all(p is not q for q in sparse)]
-    dense = list({id(p): p for p in dense}.values())  # the history input is the item input: count it once
-    opt = MultiOptimizer(torch.optim.Adam(dense, lr=lr), embedding_optimizer(sparse, lr))
+    opt = _optimizer(item_tower, user_tower, lr)
     # log-q: streaming frequency estimate over the time-ordered positives
     order = np.argsort(row_ts if row_ts is not None else np.arange(len(row_item)), kind="stable")
     step = np.empty(len(row_item), np.int64)
@@ -302,14 +317,54 @@ def train_two_tower(
         return F.cross_entropy(logits.masked_fill(dup, -1e9), torch.arange(len(b)))
 
     last = run_epochs(opt, len(row_item), batch_size, epochs, rng, batch_loss, progress)
-    item_tower.eval()
     user_tower.eval()
-    with torch.no_grad():
-        embs = []
-        for s in range(0, n_items, 65536):
-            idx = torch.arange(s, min(s + 65536, n_items))
-            embs.append(item_tower(idx + 1, t_fields[idx]).numpy())
-    return TwoTowerResult(user_tower, np.concatenate(embs).astype(np.float32), last)
+    return TwoTowerResult(user_tower, item_tower, t_fields, item_embeddings(item_tower, t_fields), last)
+
+
+def distill_two_tower(
+    tt: TwoTowerResult,
+    *,
+    user_idx: np.ndarray,  # int64 [U]
+    user_fields: np.ndarray,  # int64 [U, Fu]
+    hist: np.ndarray,  # int64 [U, L] model ids (0 pad)
+    pools: np.ndarray,  # int64 [U, P] item indices the teacher scored for each user
+    teacher: np.ndarray,  # float32 [U, P] the ranker's click logit per pool item
+    temperature: float = 0.05,
+    teacher_temperature: float = 0.5,
+    epochs: int = 3,
+    batch_users: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress=None,
+) -> TwoTowerResult:
+    """Fine-tune both towers so the dot product ranks each user's pool as the ranker does:
+    listwise cross-entropy between softmax(teacher / teacher_temperature) and
+    softmax(u·v / temperature) over the pool. Recall then finds what the ranker would put on
+    top (funnel consistency) instead of only what the user clicked in the log. The towers
+    keep their architecture, so the exported user tower, item table and index are as before."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    user_tower, item_tower = tt.user_tower, tt.item_tower
+    user_tower.train()
+    item_tower.train()
+    opt = _optimizer(item_tower, user_tower, lr)
+    u_all = torch.from_numpy(np.asarray(user_idx, np.int64) + 1)
+    uf_all = torch.from_numpy(np.ascontiguousarray(user_fields, dtype=np.int64))
+    h_all = torch.from_numpy(np.ascontiguousarray(hist, dtype=np.int64))
+    pool_all = torch.from_numpy(np.ascontiguousarray(pools, dtype=np.int64))
+    target_all = torch.softmax(torch.from_numpy(np.asarray(teacher, np.float32)) / teacher_temperature, dim=1)
+
+    def batch_loss(b):
+        u = user_tower(u_all[b], uf_all[b], h_all[b])  # [b, d]
+        items = pool_all[b]  # [b, P]
+        flat, inv = torch.unique(items, return_inverse=True)  # one item-tower pass per distinct item
+        v = item_tower(flat + 1, tt.item_fields[flat])[inv]  # [b, P, d]
+        logits = torch.einsum("bd,bpd->bp", u, v) / temperature
+        return -(target_all[b] * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+    last = run_epochs(opt, len(u_all), batch_users, epochs, rng, batch_loss, progress)
+    user_tower.eval()
+    return TwoTowerResult(user_tower, item_tower, tt.item_fields, item_embeddings(item_tower, tt.item_fields), last)
 
 
 def user_embeddings(tower: UserTower, user_idx, user_fields, hist, batch: int = 8192) -> np.ndarray:
