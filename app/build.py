@@ -167,11 +167,10 @@ def train_prerank_rows(teacher, ds: Dataset, table: ItemTable, train_pos: np.nda
     if soft:  # hard labels only: the recall rows would carry nothing, so they are not drawn
         top = hard_negative_pool(queries, item_emb, pool)  # [U, pool]
         hist = last_train_history(ds, train_pos, users)
-        ru = np.repeat(users, top.shape[1])
-        rec = ranker_inputs(table, ru, ds.user_fields[ru], np.repeat(hist, top.shape[1], axis=0), top.ravel())
+        rec = pool_inputs(table, ds, users, hist, top)
         all_feeds = {k: np.concatenate([all_feeds[k], rec[k]]) for k in INPUT_NAMES}
-        y = np.concatenate([y, np.full((len(ru), labels.shape[1]), np.nan, np.float32)])
-        n_recall = len(ru)
+        n_recall = top.size
+        y = np.concatenate([y, np.full((n_recall, labels.shape[1]), np.nan, np.float32)])
     teacher_p = predict(teacher, all_feeds) if soft else None
     s = ds.schema
     res = train_prerank(
@@ -179,6 +178,13 @@ def train_prerank_rows(teacher, ds: Dataset, table: ItemTable, train_pos: np.nda
         item_vocabs=[f.vocab for f in s.item_fields], teacher=teacher, epochs=epochs, seed=seed, progress=progress,
     )
     return res, {"logged": int(len(keep)), "recall_sampled": int(n_recall)}
+
+
+def pool_inputs(table: ItemTable, ds: Dataset, users: np.ndarray, hist: np.ndarray, pools: np.ndarray) -> dict[str, np.ndarray]:
+    """The ranker's feed for every (user, item) of per-user pools [U, P], user-major: row u·P + j
+    is users[u] with pools[u, j], given the user's history hist[u]."""
+    ru = np.repeat(users, pools.shape[1])
+    return ranker_inputs(table, ru, ds.user_fields[ru], np.repeat(hist, pools.shape[1], axis=0), pools.ravel())
 
 
 def recall_teacher(teacher, table: ItemTable, ds: Dataset, users: np.ndarray, hist: np.ndarray, tt, pool: int,
@@ -195,8 +201,7 @@ def recall_teacher(teacher, table: ItemTable, ds: Dataset, users: np.ndarray, hi
     logits = np.empty(pools.shape, np.float32)
     step = max(1, chunk_rows // pools.shape[1])
     for s in range(0, len(users), step):  # the repeated histories of all users at once would not fit
-        u = np.repeat(users[s : s + step], pools.shape[1])
-        feeds = ranker_inputs(table, u, ds.user_fields[u], np.repeat(hist[s : s + step], pools.shape[1], axis=0), pools[s : s + step].ravel())
+        feeds = pool_inputs(table, ds, users[s : s + step], hist[s : s + step], pools[s : s + step])
         p = np.clip(predict(teacher, feeds)[:, 0].astype(np.float64), 1e-6, 1 - 1e-6)
         logits[s : s + step] = np.log(p / (1 - p)).reshape(-1, pools.shape[1])
     return pools, logits
