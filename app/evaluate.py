@@ -5,10 +5,13 @@
   training history.
 - Each path's unique share: of the merged candidates a path contributed, the share no
   other path found.
-- Ranker agreement: the share of the ranker's exhaustive top-20 over the whole catalog
-  (unseen items) that the merged recall contains.
+- Ranker agreement: the share of the ranker's exhaustive top-20 by its click head over the
+  whole catalog (unseen items) that the merged recall contains.
 - Funnel consistency@20: the share of that top-20 the served funnel (recall → prerank A →
   prerank B) hands the ranker, and the ranker rows it scored as a share of the catalog.
+  The ranker's top-20 is taken in the order the ranker stage serves, its heads through the
+  request's fusion formula (`kept`); `kept_click_head` orders by the click head alone. Both
+  also after recall and after stage A, to show where the funnel loses.
 - Ranker and pre-ranker (stage B): AUC and log-loss per task on held-out rows, scored
   through the exported ONNX models, and the pre-ranker's AUC gap to the ranker.
 """
@@ -62,11 +65,12 @@ def _finish(acc: dict, ks) -> dict:
     return out
 
 
-def _exhaustive_topk(bundle: Bundle, table: ItemTable, ctx, k: int, chunk: int = 65536) -> np.ndarray:
-    """The ranker's top-k (by its first head, click) over every unseen item in the catalog."""
+def _exhaustive_topk(bundle: Bundle, table: ItemTable, ctx, k: int, fusion, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """The ranker's top-k over every unseen item in the catalog: (by the request's fusion of
+    its heads, the order the ranker stage serves; by its first head, click)."""
     hist = pad_history(ctx.history, bundle.schema.history_len)
     cand = np.setdiff1d(np.arange(bundle.n_items), ctx.blocked(), assume_unique=True)
-    scores = np.empty(len(cand), np.float32)
+    probs = np.empty((len(cand), len(bundle.schema.tasks)), np.float32)
     for s in range(0, len(cand), chunk):
         c = cand[s : s + chunk]
         n = len(c)
@@ -74,9 +78,9 @@ def _exhaustive_topk(bundle: Bundle, table: ItemTable, ctx, k: int, chunk: int =
             table, np.full(n, ctx.user_idx, np.int64), np.broadcast_to(ctx.user_fields, (n, len(ctx.user_fields))),
             np.broadcast_to(hist, (n, len(hist))), c,
         )
-        scores[s : s + n] = bundle.ranker.run(["probs"], feeds)[0][:, 0]
-    top = np.argpartition(-scores, min(k, len(cand) - 1))[:k]
-    return cand[top]
+        probs[s : s + n] = bundle.ranker.run(["probs"], feeds)[0]
+    kk = min(k, len(cand) - 1)
+    return tuple(cand[np.argpartition(-scores, kk)[:k]] for scores in (fusion.score(ctx, probs), probs[:, 0]))
 
 
 def evaluate(
@@ -127,15 +131,14 @@ def evaluate(
             unique[n][0] += int(np.count_nonzero(merged.source[has] == bit))
             unique[n][1] += int(np.count_nonzero(has))
         if u in agree_users:
-            top = _exhaustive_topk(bundle, table, ctx, 20)
+            top, top_click = _exhaustive_topk(bundle, table, ctx, 20, serving.stage("fusion"))
             serving_merged = serving.stage("recall")(ctx, Candidates.empty())
             # the funnel as served up to the ranker: recall → prerank A → prerank B (if any)
-            kept = serving.stage("prerank_a")(ctx, serving_merged)
-            after_a = len(kept)
-            if bundle.prerank is not None:
-                kept = serving.stage("prerank_b")(ctx, kept)
-            agreement.append((np.isin(top, merged.item).mean(), np.isin(top, serving_merged.item).mean(), np.isin(top, kept.item).mean(),
-                              len(kept), after_a))
+            after_a = serving.stage("prerank_a")(ctx, serving_merged)
+            kept = serving.stage("prerank_b")(ctx, after_a) if bundle.prerank is not None else after_a
+            agreement.append((np.isin(top_click, merged.item).mean(), np.isin(top_click, serving_merged.item).mean(), np.isin(top, kept.item).mean(),
+                              len(kept), len(after_a), np.isin(top_click, kept.item).mean(), np.isin(top, serving_merged.item).mean(),
+                              np.isin(top, after_a.item).mean(), np.isin(top_click, after_a.item).mean()))
         ctx.user_emb = None
         ctx.trace_extra = {}
         out, _ = serving.run(ctx)  # ctx.count == k
@@ -160,7 +163,8 @@ def evaluate(
 
     ranker = heldout(bundle.ranker)
     prerank = heldout(bundle.prerank) if bundle.prerank is not None else None
-    agree = np.array(agreement) if agreement else np.zeros((0, 5))
+    agree = np.array(agreement) if agreement else np.zeros((0, 9))
+    share = lambda col: round(float(agree[:, col].mean()), 4) if len(agree) else None  # noqa: E731
     return {
         "bundle": bundle.version,
         "dataset": ds.schema.dataset,
@@ -174,14 +178,19 @@ def evaluate(
         "merged_size": float(np.mean(merged_sizes)) if merged_sizes else 0.0,
         "ranker_agreement@20": {
             "users": int(len(agree)),
-            f"merged_{depth}": round(float(agree[:, 0].mean()), 4) if len(agree) else None,
-            f"serving_{settings.recall_total}": round(float(agree[:, 1].mean()), 4) if len(agree) else None,
+            f"merged_{depth}": share(0),
+            f"serving_{settings.recall_total}": share(1),
         },
         # share of the ranker's exhaustive top-20 the funnel hands the ranker, and the ranker
         # rows it scores as a share of the catalog (exhaustive ranking = 1)
         "funnel_consistency@20": {
             "users": int(len(agree)),
-            "kept": round(float(agree[:, 2].mean()), 4) if len(agree) else None,
+            "kept": share(2),
+            "kept_after_recall": share(6),
+            "kept_after_a": share(7),
+            "kept_click_head": share(5),
+            "kept_click_head_after_recall": share(1),
+            "kept_click_head_after_a": share(8),
             "ranked_per_request": round(float(agree[:, 3].mean()), 1) if len(agree) else None,
             "rank_compute_share": round(float(agree[:, 3].mean()) / bundle.n_items, 5) if len(agree) else None,
             "prerank_b_rows_share": round(float(agree[:, 4].mean()) / bundle.n_items, 5) if len(agree) and bundle.prerank is not None else None,

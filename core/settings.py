@@ -56,8 +56,9 @@ class Settings(BaseSettings):
     # Cascade sizes
     prerank_a_keep: int = 500
     # stage B (bundles with prerank.onnx): what the ranker scores; without stage B the ranker
-    # scores all prerank_a_keep
-    prerank_b_keep: int = Field(150, ge=1)
+    # scores all prerank_a_keep. 200, not 150: on the 100k world stage B to 150 kept 0.82 of the
+    # ranker's click-head top-20, 200 kept 0.86, for 0.2% of exhaustive-ranking compute
+    prerank_b_keep: int = Field(200, ge=1)
 
     # Fusion: score = prod_k (p_k + alpha_k) ** beta_k. Tasks missing here get defaults from
     # the schema (beta 1 for positive tasks, -1 for negative ones).

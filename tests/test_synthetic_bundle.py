@@ -62,5 +62,11 @@ def test_eval_on_synthetic_bundle(synthetic_bundle):
     assert set(r["recall"]) == {"ann", "itemcf", "graph", "popular", "fresh", "follow"}
     assert set(r["unique_share"]) == set(r["recall"])
     assert r["ranker_agreement@20"]["users"] > 0
+    # each stage only cuts what the one before handed it, so the ranker's top-20 (either order)
+    # can only be lost along recall -> prerank A -> prerank B
+    fc = r["funnel_consistency@20"]
+    for order in ("kept", "kept_click_head"):
+        assert 1 >= fc[f"{order}_after_recall"] >= fc[f"{order}_after_a"] >= fc[order] >= 0
+    assert fc["kept_click_head_after_recall"] == r["ranker_agreement@20"]["serving_800"]
     assert set(r["ranker_auc"]) == {"click", "long_view", "like", "share", "follow", "dislike", "continue"}
     assert 0 <= r["pipeline"]["recall@20"] <= 1
