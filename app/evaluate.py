@@ -136,9 +136,11 @@ def evaluate(
             # the funnel as served up to the ranker: recall → prerank A → prerank B (if any)
             after_a = serving.stage("prerank_a")(ctx, serving_merged)
             kept = serving.stage("prerank_b")(ctx, after_a) if bundle.prerank is not None else after_a
-            agreement.append((np.isin(top_click, merged.item).mean(), np.isin(top_click, serving_merged.item).mean(), np.isin(top, kept.item).mean(),
-                              len(kept), len(after_a), np.isin(top_click, kept.item).mean(), np.isin(top, serving_merged.item).mean(),
-                              np.isin(top, after_a.item).mean(), np.isin(top_click, after_a.item).mean()))
+            agreement.append({
+                "merged": np.isin(top_click, merged.item).mean(), "ranked": len(kept), "after_a_rows": len(after_a),
+                **{f"{name}{cut}": np.isin(t, c.item).mean() for name, t in (("fused", top), ("click", top_click))
+                   for cut, c in (("_after_recall", serving_merged), ("_after_a", after_a), ("", kept))},
+            })
         ctx.user_emb = None
         ctx.trace_extra = {}
         out, _ = serving.run(ctx)  # ctx.count == k
@@ -163,8 +165,7 @@ def evaluate(
 
     ranker = heldout(bundle.ranker)
     prerank = heldout(bundle.prerank) if bundle.prerank is not None else None
-    agree = np.array(agreement) if agreement else np.zeros((0, 9))
-    share = lambda col: round(float(agree[:, col].mean()), 4) if len(agree) else None  # noqa: E731
+    share = lambda key: round(float(np.mean([a[key] for a in agreement])), 4) if agreement else None  # noqa: E731
     return {
         "bundle": bundle.version,
         "dataset": ds.schema.dataset,
@@ -177,23 +178,23 @@ def evaluate(
         "unique_share": {n: round(v[0] / v[1], 4) if v[1] else 0.0 for n, v in unique.items()},
         "merged_size": float(np.mean(merged_sizes)) if merged_sizes else 0.0,
         "ranker_agreement@20": {
-            "users": int(len(agree)),
-            f"merged_{depth}": share(0),
-            f"serving_{settings.recall_total}": share(1),
+            "users": len(agreement),
+            f"merged_{depth}": share("merged"),
+            f"serving_{settings.recall_total}": share("click_after_recall"),
         },
         # share of the ranker's exhaustive top-20 the funnel hands the ranker, and the ranker
         # rows it scores as a share of the catalog (exhaustive ranking = 1)
         "funnel_consistency@20": {
-            "users": int(len(agree)),
-            "kept": share(2),
-            "kept_after_recall": share(6),
-            "kept_after_a": share(7),
-            "kept_click_head": share(5),
-            "kept_click_head_after_recall": share(1),
-            "kept_click_head_after_a": share(8),
-            "ranked_per_request": round(float(agree[:, 3].mean()), 1) if len(agree) else None,
-            "rank_compute_share": round(float(agree[:, 3].mean()) / bundle.n_items, 5) if len(agree) else None,
-            "prerank_b_rows_share": round(float(agree[:, 4].mean()) / bundle.n_items, 5) if len(agree) and bundle.prerank is not None else None,
+            "users": len(agreement),
+            "kept": share("fused"),
+            "kept_after_recall": share("fused_after_recall"),
+            "kept_after_a": share("fused_after_a"),
+            "kept_click_head": share("click"),
+            "kept_click_head_after_recall": share("click_after_recall"),
+            "kept_click_head_after_a": share("click_after_a"),
+            "ranked_per_request": round(share("ranked"), 1) if agreement else None,
+            "rank_compute_share": round(share("ranked") / bundle.n_items, 5) if agreement else None,
+            "prerank_b_rows_share": round(share("after_a_rows") / bundle.n_items, 5) if agreement and bundle.prerank is not None else None,
         },
         "ranker_auc": {t: v["auc"] for t, v in ranker.items()},
         "ranker": ranker,
