@@ -141,6 +141,23 @@ def test_pixie_walks_stay_on_the_graph_and_boost_multi_hits():
     assert len(walk(_ctx(history=[]))) == 0
 
 
+def test_pixie_early_stop_ends_the_walk_once_enough_items_are_visited_often():
+    g = _line_graph()
+    walk = lambda steps, stop_items, stop_visits: GraphRecall(  # noqa: E731
+        g["ui_indptr"], g["ui_indices"], g["iu_indptr"], g["iu_indices"], walkers=200, steps=steps, restart=0.3, k=10,
+        stop_items=stop_items, stop_visits=stop_visits)(_ctx(history=[0, 4], seed=3))
+    full = walk(30, 0, 0)
+    # 3 items with 5 visits each: reached after the second hop (≈ 400 visits over 5 items), so
+    # the walk is the 2-hop walk (same random draws), far fewer visits than 30 hops
+    stopped = walk(30, 3, 5)
+    two = walk(2, 0, 0)
+    assert np.array_equal(stopped.item, two.item) and np.allclose(stopped.score, two.score)
+    assert stopped.score.sum() < full.score.sum() / 5
+    # a bar no walk can reach (more visits than 30 hops make) never stops it
+    never = walk(30, 6, 10_000)
+    assert np.array_equal(never.item, full.item) and np.allclose(never.score, full.score)
+
+
 def test_follow_path_returns_newest_items_of_followed_authors():
     item_author = np.array([0, 0, 0, 1, 1, 2])
     created = np.array([1.0, 3.0, 2.0, 5.0, 4.0, 9.0]) * 86400
