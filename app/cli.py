@@ -73,6 +73,7 @@ def build(
     task_weights: Annotated[str, typer.Option(help="ranker loss weight per task, e.g. 'click=3,like=1' (unlisted: the build's defaults, click 3, others 1)")] = "",
     task_experts: Annotated[int, typer.Option(help="CGC: experts owned by each task beside the 4 shared (0: MMoE)")] = 0,
     rank_ablation: Annotated[str, typer.Option(help="also train the ranker without attention and, per listed task (comma-separated, or 'all'), a single-task model; held-out AUCs go to metrics.ranker_ablation")] = "",
+    ablation_seeds: Annotated[int, typer.Option(help="with --rank-ablation: train the ranker and its ablations under this many seeds (same rows) and report per-seed and mean AUCs")] = 1,
     recall_distill: Annotated[bool, typer.Option(help="fine-tune the two-tower on the ranker's scores of sampled pools, so recall finds what the ranker ranks on top (--no-recall-distill: the two-tower as trained on the log)")] = True,
 ) -> None:
     """Train and export a bundle (needs the `train` extra: torch)."""
@@ -101,7 +102,7 @@ def build(
                             prerank_hard_baseline=prerank_hard_baseline, prerank_distill=prerank_distill,
                             rank_ablation=ablation_tasks(rank_ablation, ds.schema.task_names),
                             task_weights=parse_task_weights(task_weights, ds.schema.task_names), task_experts=task_experts,
-                            recall_distill=recall_distill)
+                            ablation_seeds=ablation_seeds, recall_distill=recall_distill)
     if link is not None:
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = link.with_name(link.name + ".tmp")

@@ -18,7 +18,7 @@ def synthetic_bundle(tmp_path_factory):
     ds = SyntheticWorld(cfg).generate_log()
     out = tmp_path_factory.mktemp("bundles") / "synth"
     manifest = build_bundle(ds, {"dataset": "synthetic", "world": asdict(cfg)}, out, epochs_tt=3, epochs_rank=2,
-                            rank_ablation=("long_view",))
+                            rank_ablation=("long_view",), ablation_seeds=2)
     return out, manifest
 
 
@@ -51,6 +51,17 @@ def test_ranker_is_mmoe_din_and_the_build_reports_its_ablation(synthetic_bundle)
     # the variant learned its main task (tiny world: the rare heads may sit near 0.5)
     assert ab["no_attention"]["click"]["auc"] > 0.6
     assert ab["single_task"]["long_view"]["n"] == manifest["metrics"]["ranker_heldout"]["long_view"]["n"]
+    # a second seed: the first is the served ranker's run, the mean is over both
+    seeds = ab["seeds"]
+    assert seeds["seeds"] == [0, 1] and len(seeds["auc"]) == 2
+    first, second = seeds["auc"]
+    assert first["ranker"]["click"] == manifest["metrics"]["ranker_heldout"]["click"]["auc"]
+    assert first["single_task"]["long_view"] == ab["single_task"]["long_view"]["auc"]
+    assert set(second["single_task"]) == {"long_view"} and set(second["no_attention"]) == set(first["ranker"])
+    assert second["ranker"] != first["ranker"]  # another seed trains another model
+    for variant in ("ranker", "no_attention"):
+        for task, mean in seeds["mean_auc"][variant].items():
+            assert mean == pytest.approx((first[variant][task] + second[variant][task]) / 2, abs=1e-4)
 
 
 def test_eval_on_synthetic_bundle(synthetic_bundle):
