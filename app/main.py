@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)  # per process: each worker sets its own
         st = store or open_store(settings)
         state = AppState(settings=settings, store=st, metrics=Metrics())
         app.state.funnel = state

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
 
     # Runtime
     compute_threads: int = 1
+    # The interpreter's GIL switch interval in each worker (sys.setswitchinterval). A worker's
+    # event loop, I/O threads and compute thread share one GIL; when the compute thread runs
+    # Python between numpy/onnxruntime calls, a request waiting on the loop waits up to this
+    # long per hand-off (Python's default is 5 ms). See README "Overload".
+    gil_switch_interval_ms: float = Field(1.0, gt=0.0, le=100.0)
     # ONNX models re-saved with memory-mapped initializers (shared by workers); default: beside db_path
     model_cache_dir: Path | None = None
     served_log_ttl_s: float = 7 * 24 * 3600.0

@@ -214,3 +214,17 @@ def test_debug_trace_reports_the_reranker(client):
     _, user = _known_user(client)
     body = client.post("/v1/recommend", json={"user_id": user, "count": 10, "debug": True}).json()
     assert body["trace"]["rerank"], "the reranker's notes are missing from the trace"
+
+
+def test_worker_sets_the_configured_gil_switch_interval(settings):
+    """Each worker process applies FUNNEL_GIL_SWITCH_INTERVAL_MS when its app starts."""
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        with TestClient(create_app(settings.model_copy(update={"gil_switch_interval_ms": 2.5}), background_load=False)) as c:
+            assert c.get("/healthz").status_code == 200
+            assert sys.getswitchinterval() == pytest.approx(0.0025)
+    finally:
+        sys.setswitchinterval(before)
