@@ -133,7 +133,7 @@ class Settings(BaseSettings):
 
     # Hostile input and overload (app/guard.py)
     max_body_bytes: int = Field(1_048_576, ge=1024)  # larger request bodies get 413
-    max_inflight: int = Field(12, ge=1)  # per worker, /v1/* requests being handled; beyond: 503 + Retry-After (README "Overload")
+    max_inflight: int = Field(24, ge=1)  # per worker, /v1/* requests being handled; beyond: 503 + Retry-After (README "Overload")
     retry_after_s: int = Field(1, ge=1)  # Retry-After of the 503s
     cors_origins: list[str] = Field(default_factory=list)  # CORS off unless origins are listed
     bundles_dir: Path | None = None  # where POST /admin/bundles/reload looks for versions (default: the bundle's parent)
