@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from core.bundle import write_manifest
-from core.offline_metrics import auc, logloss
+from core.offline_metrics import auc, calibration_error, logloss
 from core.schema import Schema
 from rank.features import ItemTable, model_history, ranker_inputs
 from retrieval.ann import build_index
@@ -143,6 +143,8 @@ def head_metrics(schema: Schema, labels: np.ndarray, probs: np.ndarray) -> dict:
         out[t.name] = {
             "auc": round(auc(labels[m, k], probs[m, k]), 4),
             "logloss": round(logloss(labels[m, k], probs[m, k]), 4),
+            "ece": round(calibration_error(labels[m, k], probs[m, k]), 4),
+            "mean_prob": round(float(probs[m, k].mean()), 4) if m.any() else None,
             "n": int(m.sum()),
             "positive_rate": round(float(np.nanmean(labels[m, k])), 4) if m.any() else None,
         }
@@ -383,7 +385,8 @@ def build_bundle(
         metrics["ranker_heldout"] = head_metrics(s, te_y, probs)
         metrics["ranker_train_loss"] = round(rk.train_loss, 4)
         metrics["ranker_training"] = {"task_weights": dict(zip(s.task_names, w.tolist())), "max_epochs": epochs_rank, "best_epoch": rk.best_epoch, "val_click_auc": rk.val_auc,
-                                      "rows": int(len(tr_u)), "catalog_negatives_per_row": n_extra}
+                                      "rows": int(len(tr_u)), "catalog_negatives_per_row": n_extra,
+                                      "calibration": {s.task_names[k]: v for k, v in (rk.calibration or {}).items()}}
         models = {"ranker": rk_sig}
         if rank_ablation:
             # Same rows, epochs and seed: the network without target attention (mean-pooled

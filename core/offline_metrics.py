@@ -1,4 +1,4 @@
-"""Offline metrics: AUC, log-loss, recall@K, NDCG@K (numpy only)."""
+"""Offline metrics: AUC, log-loss, calibration error, recall@K, NDCG@K (numpy only)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,6 +25,23 @@ def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
     p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
     y = np.asarray(labels, np.float64)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error over `bins` equal-mass bins of the predictions: the
+    row-weighted mean of |mean predicted probability - observed positive rate| per bin.
+    Equal-mass bins, because a head's predictions crowd near its base rate (fixed-width bins
+    would leave most of them empty). NaN on no rows."""
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(labels, np.float64)
+    n = len(p)
+    if n == 0:
+        return float("nan")
+    order = np.argsort(p, kind="stable")
+    b = np.arange(n) * min(bins, n) // n  # bin of each row in sorted order
+    rows = np.bincount(b)
+    gap = np.abs(np.bincount(b, p[order]) - np.bincount(b, y[order])) / rows
+    return float((gap * rows).sum() / n)
 
 
 def recall_ndcg_at_k(recommended: np.ndarray, relevant: np.ndarray, k: int) -> tuple[float, float]:

@@ -93,6 +93,11 @@ class MultiTaskRanker(nn.Module):
         if task_experts:
             allow[:, n_experts:] = np.kron(np.eye(T, dtype=bool), np.ones((1, task_experts), bool))
         self.register_buffer("gate_bias", torch.from_numpy(np.where(allow, 0.0, -1e9).astype(np.float32)), persistent=False)
+        # Per-task Platt scaling of the logits (identity while training; `calibrate` fits it on
+        # the validation slice): catalog negatives and loss weights shift the raw heads, while
+        # fusion multiplies probabilities, so each head should mean what its rate is.
+        self.register_buffer("calib_scale", torch.ones(T))
+        self.register_buffer("calib_shift", torch.zeros(T))
         self.h1 = h1
         self.dense_norm = nn.LayerNorm(n_dense)
         self.w1 = nn.Parameter(torch.empty(self.in_dim, E * h1))  # experts' first layers side by side
@@ -164,7 +169,8 @@ class MultiTaskRanker(nn.Module):
         g = torch.softmax(self.gate(x).reshape(-1, T, E) + self.gate_bias, dim=-1)  # [N, T, E]: one gate per task
         mix = torch.bmm(g, f.transpose(0, 1))  # [N, T, h2]
         t = torch.relu(torch.bmm(mix.transpose(0, 1), self.t1) + self.tb1)  # [T, N, tower]
-        return (torch.bmm(t, self.t2) + self.tb2).squeeze(-1).transpose(0, 1)  # [N, T]
+        z = (torch.bmm(t, self.t2) + self.tb2).squeeze(-1).transpose(0, 1)  # [N, T]
+        return z * self.calib_scale + self.calib_shift
 
     def forward(self, user_idx, user_fields, hist, item_idx, item_fields, dense):
         return torch.sigmoid(self.logits(user_idx, user_fields, hist, item_idx, item_fields, dense))
@@ -203,6 +209,7 @@ class RankerResult:
     train_loss: float
     best_epoch: int = 0  # the epoch whose weights were kept (early stopping)
     val_auc: list[float] | None = None  # validation AUC of the selecting task (click) per epoch
+    calibration: dict[int, list[float]] | None = None  # task index -> Platt (scale, shift) fitted on the validation slice
 
 
 def train_ranker(
@@ -228,6 +235,7 @@ def train_ranker(
     val_frac: float = 0.05,
     patience: int = 1,
     select_task: int = 0,
+    calibrate_heads: bool = True,
     progress=None,
     **arch,
 ) -> RankerResult:
@@ -290,7 +298,49 @@ def train_ranker(
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
-    return RankerResult(model, last, best_epoch=best["epoch"] or epochs, val_auc=history)
+    # Calibrated on the validation slice: logged rows like the held-out ones, no catalog
+    # negatives (which teach the ranking of unlogged items and pull every head down).
+    calib = calibrate(model, {k: feeds[k][val] for k in INPUT_NAMES}, labels[val]) if calibrate_heads and n_val else {}
+    return RankerResult(model, last, best_epoch=best["epoch"] or epochs, val_auc=history, calibration=calib)
+
+
+def fit_platt(z: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, float]:
+    """(a, b) minimising the log-loss of sigmoid(a·z + b) against labels y: logistic
+    regression on one feature by Newton's method (a tiny ridge keeps the 2×2 step defined)."""
+    z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
+    w = np.array([1.0, 0.0])
+    X = np.stack([z, np.ones_like(z)], 1)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ w)))
+        H = (X * (p * (1 - p))[:, None]).T @ X + 1e-6 * np.eye(2)
+        step = np.linalg.solve(H, X.T @ (p - y))
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(w[0]), float(w[1])
+
+
+@torch.no_grad()
+def calibrate(model: MultiTaskRanker, feeds: dict[str, np.ndarray], labels: np.ndarray, min_rows: int = 200) -> dict[int, list[float]]:
+    """Fits each head's Platt scaling on rows the model did not train on (`labels` NaN where
+    a task is undefined) and stores it in the model, so the export carries it. Heads with
+    fewer than `min_rows` labelled rows, or one class only, stay uncalibrated."""
+    model.calib_scale.fill_(1.0)
+    model.calib_shift.fill_(0.0)
+    z = np.concatenate([model.logits(*(torch.from_numpy(np.ascontiguousarray(feeds[k][s : s + 16384])) for k in INPUT_NAMES)).numpy()
+                        for s in range(0, len(labels), 16384)]) if len(labels) else np.zeros((0, labels.shape[1]), np.float32)
+    fitted = {}
+    for k in range(labels.shape[1]):
+        m = ~np.isnan(labels[:, k])
+        yk = labels[m, k]
+        if m.sum() < min_rows or yk.min() == yk.max():
+            continue
+        a, b = fit_platt(z[m, k], yk)
+        if a <= 0:  # a head that anti-ranks on these rows: keep its order rather than flip it
+            continue
+        model.calib_scale[k], model.calib_shift[k] = a, b
+        fitted[k] = [round(a, 4), round(b, 4)]
+    return fitted
 
 
 def predict(model: MultiTaskRanker, feeds: dict[str, np.ndarray], batch: int = 16384) -> np.ndarray:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from core.candidates import SOURCE_BITS, Candidates, source_names
-from core.offline_metrics import auc, recall_ndcg_at_k
+from core.offline_metrics import auc, calibration_error, recall_ndcg_at_k
 from sim.dataset import recent_history, sort_events, temporal_split
 
 
@@ -60,3 +60,13 @@ def test_auc_and_ranking_metrics():
     r, n = recall_ndcg_at_k(np.array([5, 1, 9]), np.array([1, 7]), 3)
     assert r == 0.5
     assert n == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
+
+
+def test_calibration_error_is_small_for_true_probabilities_and_sees_a_shift():
+    rng = np.random.default_rng(0)
+    p = rng.beta(1, 9, 200_000)  # a click-like head: most predictions near 0.1
+    y = (rng.random(len(p)) < p).astype(np.float64)
+    assert calibration_error(y, p) < 0.005
+    assert calibration_error(y, np.clip(p + 0.05, 0, 1)) == pytest.approx(0.05, abs=0.005)
+    assert calibration_error(y, p * 0.5) == pytest.approx(0.5 * p.mean(), abs=0.005)  # under-confident everywhere
+    assert np.isnan(calibration_error(np.zeros(0), np.zeros(0)))
