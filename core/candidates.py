@@ -60,6 +60,10 @@ class Candidates:
 
     def top(self, k: int) -> "Candidates":
         """The k best by score, in descending score order (stable for ties)."""
+        s = self.score
+        if len(s) < 2 or bool((s[:-1] >= s[1:]).all()):
+            # Already in order (recall paths hand over their own top-k): a prefix, no sort.
+            return self if k >= len(s) else self.take(slice(0, max(k, 0)))
         if k >= len(self):
             order = np.argsort(-self.score, kind="stable")
         else:

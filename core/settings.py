@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     graph_steps: int = 4
     graph_restart: float = 0.3
     graph_seeds: int = 20
-    graph_stop_items: int = 200  # early stop once this many items have graph_stop_visits visits
+    # Early stop once this many items have graph_stop_visits visits; 0 = off. Off by default:
+    # with 400 walkers x 4 hops it stopped no walk of 300 users on the 100k and 1M synthetic
+    # worlds, and its test (a sort of the visits so far) cost 0.07-0.13 ms per request.
+    graph_stop_items: int = 0
     graph_stop_visits: int = 4
     follow_per_author: int = 10  # newest items taken per followed author
 

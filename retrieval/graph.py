@@ -37,12 +37,12 @@ class GraphRecall:
       among the seeds and w_q the seed's recency weight (decay^s for the s-th most recent);
     - each hop: item → random user → random item, with restart at the walker's own seed;
     - multi-hit boosting V[p] = (Σ_q √V_q[p])², favouring items reached from several seeds;
-    - early stop once `stop_items` items have `stop_visits` visits."""
+    - early stop once `stop_items` items have `stop_visits` visits (0: walk every hop)."""
 
     name = "graph"
 
     def __init__(self, ui_indptr, ui_indices, iu_indptr, iu_indices, walkers=400, steps=4, restart=0.3, seeds=20, k=200,
-                 decay=0.9, stop_items=200, stop_visits=4):
+                 decay=0.9, stop_items=0, stop_visits=4):
         self.ui_indptr, self.ui_indices = ui_indptr, ui_indices
         self.iu_indptr, self.iu_indices = iu_indptr, iu_indices
         self.walkers, self.steps, self.restart, self.n_seeds, self.k = walkers, steps, restart, seeds, k
@@ -70,10 +70,8 @@ class GraphRecall:
         pos = origin.copy()
         n_items = len(self.iu_indptr) - 1
         keys = []
-        # The early-stop test (a sort of every visit so far) only runs once enough visits exist
-        # to pass it, and not after the last hop: with the defaults (400 walkers, 4 hops, 200
-        # items × 4 visits) it ran after hops 2-4 and never stopped a walk on the 20k world
-        # (300 users), costing ~0.2 ms of the graph path's ~0.5.
+        # The early-stop test (a sort of every visit so far, when enabled) runs only once enough
+        # visits exist to pass it, and not after the last hop.
         need = self.stop_items * self.stop_visits
         visits = 0
         for hop in range(self.steps):  # loop over hops, vectorised over walkers

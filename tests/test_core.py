@@ -70,3 +70,24 @@ def test_calibration_error_is_small_for_true_probabilities_and_sees_a_shift():
     assert calibration_error(y, np.clip(p + 0.05, 0, 1)) == pytest.approx(0.05, abs=0.005)
     assert calibration_error(y, p * 0.5) == pytest.approx(0.5 * p.mean(), abs=0.005)  # under-confident everywhere
     assert np.isnan(calibration_error(np.zeros(0), np.zeros(0)))
+
+
+def test_top_keeps_an_ordered_set_as_a_prefix_and_sorts_any_other():
+    def cands(score):
+        return Candidates(np.arange(len(score), dtype=np.int64), np.ones(len(score), np.uint32), np.array(score, np.float32))
+
+    ordered = cands([5, 4, 4, 1])
+    assert ordered.top(10) is ordered  # nothing to sort or cut
+    assert ordered.top(3).item.tolist() == [0, 1, 2] and ordered.top(0).item.tolist() == []
+    assert cands([1, 5, 4, 4]).top(3).item.tolist() == [1, 2, 3]
+    assert cands([4, np.nan, 5]).top(3).item.tolist()[0] == 2  # NaN breaks order: sorted, not kept
+
+
+def test_in_sorted_matches_isin():
+    from retrieval.merge import in_sorted
+
+    rng = np.random.default_rng(0)
+    for n_set in (1, 3, 50):
+        s = np.unique(rng.integers(0, 100, n_set))
+        v = rng.integers(-5, 110, 300)
+        assert np.array_equal(in_sorted(v, s), np.isin(v, s))
