@@ -327,8 +327,7 @@ def calibrate(model: MultiTaskRanker, feeds: dict[str, np.ndarray], labels: np.n
     fewer than `min_rows` labelled rows, or one class only, stay uncalibrated."""
     model.calib_scale.fill_(1.0)
     model.calib_shift.fill_(0.0)
-    z = np.concatenate([model.logits(*(torch.from_numpy(np.ascontiguousarray(feeds[k][s : s + 16384])) for k in INPUT_NAMES)).numpy()
-                        for s in range(0, len(labels), 16384)]) if len(labels) else np.zeros((0, labels.shape[1]), np.float32)
+    z = _batched(model.logits, feeds, model.n_tasks)
     fitted = {}
     for k in range(labels.shape[1]):
         m = ~np.isnan(labels[:, k])
@@ -343,13 +342,16 @@ def calibrate(model: MultiTaskRanker, feeds: dict[str, np.ndarray], labels: np.n
     return fitted
 
 
-def predict(model: MultiTaskRanker, feeds: dict[str, np.ndarray], batch: int = 16384) -> np.ndarray:
-    out = []
+def _batched(fn, feeds: dict[str, np.ndarray], n_tasks: int, batch: int = 16384) -> np.ndarray:
+    """fn (the model, or its logits) over the ranker feeds in row batches, concatenated [N, n_tasks]."""
     n = len(feeds["item_idx"])
     with torch.no_grad():
-        for s in range(0, n, batch):
-            out.append(model(*(torch.from_numpy(np.ascontiguousarray(feeds[k][s : s + batch])) for k in INPUT_NAMES)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.n_tasks), np.float32)
+        out = [fn(*(torch.from_numpy(np.ascontiguousarray(feeds[k][s : s + batch])) for k in INPUT_NAMES)).numpy() for s in range(0, n, batch)]
+    return np.concatenate(out) if out else np.zeros((0, n_tasks), np.float32)
+
+
+def predict(model: MultiTaskRanker, feeds: dict[str, np.ndarray], batch: int = 16384) -> np.ndarray:
+    return _batched(model, feeds, model.n_tasks, batch)
 
 
 def export_ranking_onnx(model: nn.Module, n_tasks: int, n_user_fields: int, n_item_fields: int, history_len: int, path: Path,

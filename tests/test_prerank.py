@@ -101,8 +101,8 @@ def test_onnx_export_matches_torch_with_the_user_side_fed_once(kind, tmp_path):
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
         if kind != "prerank":  # the ranker's per-head calibration travels in the export
-            model.calib_scale.copy_(0.5 + torch.rand(3))
-            model.calib_shift.copy_(torch.randn(3))
+            model.calib_scale.copy_(0.5 + torch.rand_like(model.calib_scale))
+            model.calib_shift.copy_(torch.randn_like(model.calib_shift))
     model.eval()
     path = tmp_path / f"{kind}.onnx"
     (export_prerank if kind == "prerank" else export_ranker)(model, 2, 2, 6, path)
