@@ -99,31 +99,40 @@ def union_of(parts: list[tuple[Candidates, int]], blocked: np.ndarray) -> _Union
     kept = [(n, c, quota) for n, (c, quota) in enumerate(parts) if len(c) and quota > 0]
     if not kept:
         return None
+    # All parts at once, one array op per step rather than a few per part (the per-part
+    # version spent most of the merge in call overhead: ~10 small ops per path).
+    lens = np.array([len(c) for _, c, _ in kept], np.int64)
+    starts = np.cumsum(lens) - lens
+    k_of = np.repeat(np.arange(len(kept)), lens)  # row -> position in `kept`
+    item = np.concatenate([c.item for _, c, _ in kept])
+    bits = np.concatenate([c.source for _, c, _ in kept])
+    score = np.concatenate([c.score for _, c, _ in kept])
+    # Each part in its own score order (stable). Recall paths hand over their top-k already
+    # sorted, so this is usually one comparison; blocked rows are dropped after the sort,
+    # which keeps the same relative order as dropping them first.
+    in_order = score[:-1] >= score[1:]
+    in_order[starts[1:] - 1] = True  # part boundaries
+    if not in_order.all():
+        order = np.lexsort((-score, k_of))
+        item, bits = item[order], bits[order]
     # Blocked items removed from all parts in one membership test. `blocked` is sorted unique
     # (RequestContext.blocked), so a binary search does it: np.isin sorts both sides again
     # (~125 µs for 2k candidates and 60 blocked vs ~25 µs).
-    ok = ~in_sorted(np.concatenate([c.item for _, c, _ in kept]), blocked) if len(blocked) else None
-    items, bits, ranks, part_of, quotas = [], [], [], [], []
-    start = 0
-    for n, c, quota in kept:
-        if ok is not None:
-            keep = ok[start : start + len(c)]
-            start += len(c)
-            if not keep.all():
-                c = c.take(np.flatnonzero(keep))
-        c = c.top(len(c))
-        items.append(c.item)
-        bits.append(c.source)
-        ranks.append(np.arange(len(c), dtype=np.int64))
-        part_of.append(np.full(len(c), n, np.int64))
-        quotas.append(np.full(len(c), quota, np.int64))
-    item = np.concatenate(items)
+    if len(blocked):
+        ok = ~in_sorted(item, blocked)
+        before = np.cumsum(ok) - ok  # unblocked rows before each row
+        rank = (before - before[starts][k_of])[ok]  # rank among its part's unblocked rows
+        item, bits, k_of = item[ok], bits[ok], k_of[ok]
+    else:
+        rank = np.arange(len(item), dtype=np.int64) - starts[k_of]
     if len(item) == 0:
         return None
     uniq, inv = np.unique(item, return_inverse=True)
     merged_bits = np.zeros(len(uniq), np.uint32)
-    np.bitwise_or.at(merged_bits, inv, np.concatenate(bits))
-    return _Union(uniq, merged_bits, inv, np.concatenate(ranks), np.concatenate(part_of), np.concatenate(quotas))
+    np.bitwise_or.at(merged_bits, inv, bits)
+    part_index = np.array([n for n, _, _ in kept], np.int64)
+    quota = np.array([q for _, _, q in kept], np.int64)
+    return _Union(uniq, merged_bits, inv, rank.astype(np.int64), part_index[k_of], quota[k_of])
 
 
 def merge_candidates(
