@@ -22,6 +22,9 @@ tuner:
   `reward_oracle` and the per-round `expected_mean_reward` are.
 - the oracle: the same objective maximised offline by CEM directly over log|β| (same
   bounds, same α), on a disjoint set of users, then evaluated on the evaluation users.
+- the headroom (`headroom_true_heads`): prior and oracle again, with the world's true
+  probabilities in place of the ranker's heads on the same candidates: how much any fusion
+  weights can gain in this world at all.
 The per-round series also carries what the tuner itself measured: the reward per
 impression of the traffic that served the mean (control + main) in that round, with its
 standard error.
@@ -158,6 +161,20 @@ class ListEvaluator:
             self.heads[i, : len(c)] = c.heads
             self.items[i, : len(c)] = c.item
             self.valid[i, : len(c)] = True
+
+    def with_true_heads(self) -> "ListEvaluator":
+        """The same users and candidates with the world's own probabilities as heads (each item
+        alone at the top of a list: no position or fatigue effect; a head given a click is the
+        world's probability given a click). Fusion of perfect heads: how much any choice of
+        weights can gain in this world, whatever the ranker learned (reference only)."""
+        e = self.world.expected_batch(np.repeat(self.users, self.items.shape[1]), self.items.reshape(-1, 1))
+        given = {t.name: t.given for t in self.pipe.bundle.schema.tasks}
+        true = np.stack([e[f"{t}_given_click" if given.get(t) == "click" else t][:, 0] for t in self.tasks], axis=1)
+        out = object.__new__(ListEvaluator)
+        out.__dict__.update(self.__dict__)
+        out.heads = true.reshape(self.heads.shape).astype(np.float32)
+        out.pools = [c.with_scores(c.score, out.heads[i, : len(c)]) for i, c in enumerate(self.pools)]
+        return out
 
     def lists(self, params: Params) -> np.ndarray:
         alpha, beta = params_vectors(self.tasks, params)
@@ -345,8 +362,17 @@ async def _run(client, app, settings, config, rounds, count, batch, seed, flip_a
     oracle_search = {"users": int(len(ev_oracle.users)), "reward_prior": ev_oracle.reward(prior), "reward_best": oracle_search_best}
     reward_prior = ev.reward(prior)
     reward_oracle = ev.reward(oracle_params)
+    # Headroom: the same search over the world's true probabilities in place of the ranker's
+    # heads. If even perfect heads gain little over the prior, so can no tuner.
+    true_oracle_params, _ = find_oracle(ev_oracle.with_true_heads(), prior, signs, svc.bounds, iters=oracle_iters, seed=seed)
+    ev_true = ev.with_true_heads()
+    headroom = {"reward_prior": ev_true.reward(prior), "reward_oracle": ev_true.reward(true_oracle_params),
+                "oracle_params": {t: list(v) for t, v in true_oracle_params.items()}}
+    headroom["oracle_gain_pct"] = 100 * (headroom["reward_oracle"] / headroom["reward_prior"] - 1)
     if show:
-        show(f"reward per impression (expected, {len(ev.users)} eval users): prior {reward_prior:.4f}, oracle {reward_oracle:.4f}")
+        show(f"reward per impression (expected, {len(ev.users)} eval users): prior {reward_prior:.4f}, oracle {reward_oracle:.4f}; "
+             f"with the world's true heads: prior {headroom['reward_prior']:.4f}, oracle {headroom['reward_oracle']:.4f} "
+             f"({headroom['oracle_gain_pct']:+.2f}%)")
 
     sim_rng = np.random.default_rng(seed + 11)
     series: list[dict] = []
@@ -437,6 +463,7 @@ async def _run(client, app, settings, config, rounds, count, batch, seed, flip_a
         "gap_to_oracle_pct": 100 * (1 - reward_final / reward_oracle),
         "oracle_gain_pct": 100 * (reward_oracle / reward_prior - 1),
         "oracle_search": oracle_search,
+        "headroom_true_heads": headroom,
         "first_round_gain_ge_10pct": first_10,
         "rollback_rounds": [s["round"] for s in series if s["rollback"]],
         "prior_params": {t: list(v) for t, v in prior.items()},

@@ -52,3 +52,30 @@ def test_report_contract_es_via_cli(small_world_bundle, tmp_path):
     assert rep["oracle_search"]["reward_best"] >= rep["oracle_search"]["reward_prior"] - 1e-9
     assert all(r["buckets"]["x0"]["n"] >= 60 for r in rep["series"])
     assert rep["plot"] is None or (tmp_path / "es.png").stat().st_size > 0
+
+
+def test_true_heads_are_the_worlds_probabilities(small_world_bundle):
+    """The headroom reference swaps the ranker's heads for the world's own probabilities on
+    the same candidates (a head given a click stays given a click); the ranker's are untouched."""
+    import numpy as np
+
+    from app.pipeline import Pipeline
+    from app.tune_sim import ListEvaluator, world_of
+    from core.bundle import Bundle
+    from core.settings import Settings
+    from fusion.reward import DEFAULT_WEIGHTS
+
+    b = Bundle.load(small_world_bundle)
+    world = world_of(b)
+    ev = ListEvaluator(Pipeline(b, Settings(rerank_mode="sort")), world, np.arange(30), 10, DEFAULT_WEIGHTS, 10.0)
+    learned = ev.heads.copy()
+    tv = ev.with_true_heads()
+    assert np.array_equal(ev.heads, learned) and tv.heads.shape == learned.shape
+    given = {t.name: t.given for t in b.schema.tasks}
+    for row in (0, len(ev.users) - 1):
+        n = int(ev.valid[row].sum())
+        e = world.expected_batch(np.full(n, ev.users[row]), ev.items[row, :n, None])
+        for k, t in enumerate(ev.tasks):
+            want = e[f"{t}_given_click" if given[t] == "click" else t][:, 0]
+            np.testing.assert_allclose(tv.heads[row, :n, k], want, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(tv.heads[ev.valid], learned[ev.valid])  # the ranker's heads are estimates, not the truth
