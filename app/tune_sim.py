@@ -44,6 +44,7 @@ rollback should fire within two rounds.
 """
 from __future__ import annotations
 
+import copy
 import math
 import secrets
 import sys
@@ -170,8 +171,7 @@ class ListEvaluator:
         e = self.world.expected_batch(np.repeat(self.users, self.items.shape[1]), self.items.reshape(-1, 1))
         given = {t.name: t.given for t in self.pipe.bundle.schema.tasks}
         true = np.stack([e[f"{t}_given_click" if given.get(t) == "click" else t][:, 0] for t in self.tasks], axis=1)
-        out = object.__new__(ListEvaluator)
-        out.__dict__.update(self.__dict__)
+        out = copy.copy(self)
         out.heads = true.reshape(self.heads.shape).astype(np.float32)
         out.pools = [c.with_scores(c.score, out.heads[i, : len(c)]) for i, c in enumerate(self.pools)]
         return out
