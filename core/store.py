@@ -151,6 +151,11 @@ def history_entry(scene: str, kind: str, round_id: int | None, data: dict, ts: f
     return {**data, "scene": scene, "kind": kind, "round": round_id, "ts": time.time() if ts is None else ts}
 
 
+_SERVED_SCHEMA = """CREATE TABLE IF NOT EXISTS served (
+  request_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, bucket TEXT NOT NULL, params TEXT NOT NULL, items TEXT NOT NULL,
+  ts REAL NOT NULL, round INTEGER NOT NULL DEFAULT -1, scene TEXT NOT NULL DEFAULT 'home')"""
+
+# `served` in the main file: state files from before the served log had its own file
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS served (
   request_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, bucket TEXT NOT NULL,
@@ -206,8 +211,8 @@ class SQLiteStore:
     workers, 58 recommend rps: served-log writes and history reads of 200-500 ms, the load
     test's p99).
 
-    The two hot writes (feedback, served log) also take an exclusive file lock beside the
-    database first. Writers from other processes then queue in the kernel and wake the moment
+    The two hot writes (feedback; the served log, in its own file, see __init__) also take an
+    exclusive file lock beside their database first. Writers from other processes then queue in the kernel and wake the moment
     the lock is free; left to SQLite they poll with its busy handler, which sleeps 1, 2, 5,
     10 ... 100 ms between tries, so a writer that arrived during another's commit slept far
     longer than that commit took."""
@@ -236,13 +241,22 @@ class SQLiteStore:
             except Exception:
                 self._conn.execute("ROLLBACK")
                 raise
-        # The served log rides on its own connection without fsync per commit (WAL +
-        # synchronous=NORMAL survives a process crash); feedback keeps FULL.
+        # The served log lives in a database file of its own (`<name>-served<suffix>`), written
+        # without fsync per commit (WAL + synchronous=NORMAL survives a process crash). SQLite
+        # has one write lock per database: in the main file a feed's served-log insert waited
+        # for any feedback commit's fsync (FULL), and one slow fsync (~360 ms, seen on this
+        # machine's disk) stalled every worker's feeds at once. Served rows of older state files
+        # (the main file's `served` table) are still found by get_served.
         if str(path) == ":memory:":
             self._log_conn, self._log_lock = self._conn, self._lock
+            self.served_path = None
         else:
-            self._log_conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
+            self.served_path = self.path.with_name(f"{self.path.stem}-served{self.path.suffix}")
+            self._log_conn = sqlite3.connect(str(self.served_path), check_same_thread=False, isolation_level=None, timeout=30.0)
+            set_wal(self._log_conn, 30.0)
             self._log_conn.execute("PRAGMA synchronous=NORMAL")
+            self._log_conn.execute(_SERVED_SCHEMA)
+            self._log_conn.execute("CREATE INDEX IF NOT EXISTS served_ts ON served(ts)")
             self._log_lock = threading.Lock()
         # Reads on the request path (a user's recent events, a served request) ride on a third
         # connection: under WAL a reader never waits for a writer, so a feed is not held up
@@ -251,18 +265,21 @@ class SQLiteStore:
             self._read_conn, self._read_lock = self._conn, self._lock
         else:
             self._read_conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
+            self._read_conn.execute("ATTACH DATABASE ? AS log", (str(self.served_path),))
             self._read_lock = threading.Lock()
+        self._served_tables = ("main.served",) if self.served_path is None else ("log.served", "main.served")
         self._last_purge = 0.0
         # one file object per writing connection: flock excludes other open files, not threads sharing one
         self._feedback_wlock = self._log_wlock = None
         if str(path) != ":memory:" and fcntl is not None:
             self._feedback_wlock = open(f"{self.path}.writers", "a+b")
-            self._log_wlock = open(f"{self.path}.writers", "a+b") if self._log_conn is not self._conn else self._feedback_wlock
+            self._log_wlock = open(f"{self.served_path}.writers", "a+b")
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
         if str(path) != ":memory:" and checkpoint_interval_s > 0:
             for conn in (self._conn, self._log_conn, self._read_conn):
                 conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._read_conn.execute("PRAGMA log.wal_autocheckpoint=0")
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(float(checkpoint_interval_s),),
                                                   name="funnel-sqlite-checkpoint", daemon=True)
             self._checkpointer.start()
@@ -280,20 +297,31 @@ class SQLiteStore:
             fcntl.flock(f, fcntl.LOCK_UN)
 
     def _checkpoint_loop(self, interval_s: float) -> None:
-        conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0)
+        conns = [sqlite3.connect(str(p), check_same_thread=False, isolation_level=None, timeout=30.0) for p in (self.path, self.served_path)]
+        last_purge = 0.0
         try:
             while not self._stop.wait(interval_s):
-                try:
-                    # PASSIVE: copies what no reader still needs, never waits for readers or writers.
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as e:  # busy (another process checkpoints) or I/O: try again next time
-                    log.debug("WAL checkpoint skipped: %s", e)
+                now = time.time()
+                if now - last_purge > 600:  # at most every 10 minutes
+                    try:
+                        self._purge_main(now)
+                        last_purge = now
+                    except sqlite3.Error as e:
+                        log.warning("TTL purge failed: %s", e)
+                for conn in conns:
+                    try:
+                        # PASSIVE: copies what no reader still needs, never waits for readers or writers.
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    except sqlite3.Error as e:  # busy (another process checkpoints) or I/O: try again next time
+                        log.debug("WAL checkpoint skipped: %s", e)
         finally:
-            conn.close()
+            for conn in conns:
+                conn.close()
 
     # ------------------------------------------------------------------ served log
 
     def log_served(self, served: ServedRequest) -> None:
+        purge_main = False
         with self._log_lock, self._writer(self._log_wlock):
             self._log_conn.execute(
                 "INSERT OR REPLACE INTO served (request_id, user_id, bucket, params, items, ts, round, scene) VALUES (?,?,?,?,?,?,?,?)",
@@ -303,14 +331,29 @@ class SQLiteStore:
             if served.ts - self._last_purge > 600:  # TTL purge, at most every 10 minutes
                 cutoff = served.ts - self.served_ttl_s
                 self._log_conn.execute("DELETE FROM served WHERE ts < ?", (cutoff,))
-                self._log_conn.execute("DELETE FROM impression WHERE ts < ?", (cutoff,))
                 self._last_purge = served.ts
+                if self._log_conn is self._conn:  # one database (":memory:"): the tally's impressions too
+                    self._conn.execute("DELETE FROM impression WHERE ts < ?", (cutoff,))
+                # a file store purges its main file from the checkpoint thread, off the request path
+                purge_main = self._log_conn is not self._conn and self._checkpointer is None
+        if purge_main:
+            self._purge_main(served.ts)
+
+    def _purge_main(self, now: float) -> None:
+        """TTL purge of the main file: the tally's impressions, served rows of older versions."""
+        cutoff = now - self.served_ttl_s
+        with self._lock, self._writer(self._feedback_wlock):
+            self._conn.execute("DELETE FROM served WHERE ts < ?", (cutoff,))
+            self._conn.execute("DELETE FROM impression WHERE ts < ?", (cutoff,))
 
     def get_served(self, request_id: str) -> ServedRequest | None:
         with self._read_lock:
-            row = self._read_conn.execute(
-                "SELECT request_id, user_id, bucket, params, items, ts, round, scene FROM served WHERE request_id = ?", (request_id,)
-            ).fetchone()
+            for table in self._served_tables:
+                row = self._read_conn.execute(
+                    f"SELECT request_id, user_id, bucket, params, items, ts, round, scene FROM {table} WHERE request_id = ?", (request_id,)
+                ).fetchone()
+                if row is not None:
+                    break
         if row is None or row[5] < time.time() - self.served_ttl_s:
             return None
         return ServedRequest(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], int(row[6]), row[7])

@@ -240,3 +240,34 @@ def test_sqlite_writers_of_two_stores_interleave_without_loss(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_sqlite_served_log_does_not_wait_for_feedback_writes(tmp_path):
+    """The served log has a file of its own: a feed's served-log insert goes through while the
+    main file's write lock is held (a feedback commit, say, stuck in a slow fsync), and served
+    rows an older version kept in the main file are still found."""
+    import sqlite3
+
+    from core.store import SQLiteStore
+
+    path = tmp_path / "funnel.db"
+    st = SQLiteStore(path)
+    try:
+        assert (tmp_path / "funnel-served.db").exists()
+        st._conn.execute("INSERT INTO served (request_id, user_id, bucket, params, items, ts, round, scene) VALUES (?,?,?,?,?,?,?,?)",
+                         ("legacy", "u1", "x1", "{}", '["a"]', time.time(), 3, "home"))
+        holder = sqlite3.connect(str(path), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the main file's write lock, held
+        try:
+            done = threading.Event()
+            t = threading.Thread(target=lambda: (st.log_served(_served("fresh")), done.set()), daemon=True)
+            t.start()
+            assert done.wait(5.0), "served-log insert waited for the main file's write lock"
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert st.get_served("fresh").items == ["a", "b", "c"]
+        assert st.get_served("legacy").items == ["a"] and st.get_served("legacy").round_id == 3
+        assert st._conn.execute("SELECT COUNT(*) FROM served WHERE request_id = 'fresh'").fetchone()[0] == 0
+    finally:
+        st.close()
