@@ -22,7 +22,8 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 install-train: $(VENV)/.train
 install-dev: $(VENV)/.dev
 
-$(BUNDLE)/manifest.json: | $(VENV)/.train
+# Rebuilt when the feature assembly changes: a bundle built with other features refuses to load.
+$(BUNDLE)/manifest.json: rank/features.py | $(VENV)/.train
 	$(VENV)/bin/funnel data fetch ml-100k
 	$(VENV)/bin/funnel build --dataset ml-100k --out $(BUNDLE) --link bundles/current
 

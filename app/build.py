@@ -52,7 +52,7 @@ def load_dataset(source: dict) -> Dataset:
 
 
 def _table(ds: Dataset, item_pop: np.ndarray) -> ItemTable:
-    return ItemTable.for_schema(ds.item_fields, item_pop, ds.schema)
+    return ItemTable.for_schema(ds.item_fields, item_pop, ds.schema, ds.follow_indptr, ds.follow_authors)
 
 
 def history_ids(ds: Dataset, rows: np.ndarray) -> np.ndarray:

@@ -91,7 +91,8 @@ class Pipeline:
         self.bundle, self.settings = bundle, settings
         schema = bundle.schema
         s = settings
-        table = ItemTable.for_schema(bundle.item_fields, bundle.item_pop, schema)
+        f = bundle.follow or {}
+        table = ItemTable.for_schema(bundle.item_fields, bundle.item_pop, schema, f.get("user_indptr"), f.get("user_authors"))
         sources = [
             AnnRecall(bundle.ann_index, s.ann_k),
             ItemCFRecall(bundle.itemcf_indptr, bundle.itemcf_indices, bundle.itemcf_data, s.itemcf_seeds, s.itemcf_decay, s.quota_itemcf * 2),

@@ -16,7 +16,54 @@ import numpy as np
 # click AUC 0.756 -> 0.779 and cut held-out click AUC 0.752 -> 0.718 (histories grow over time,
 # so counts drift); the author's share of the history likewise (full build: validation 0.773,
 # held-out 0.728). Both fit the training period, not what follows it.
-DENSE_FEATURES = ("item_log_pop", "user_log_hist", "category_rate")
+# `author_followed` (1 when the user follows the item's author in the build's follow graph; 0
+# for datasets without one): the synthetic world's users click followed authors more and can
+# no longer follow them, which the ranker could not see. Tune-3k world, ranker trained alone on
+# the build's rows (one epoch): held-out click AUC 0.767 -> 0.776, follow 0.735 -> 0.867; over
+# tune-sim's evaluation pools the within-user rank correlation of the click head with the
+# world's true click rose 0.52 -> 0.64, and fusion's best expected reward 0.475 -> 0.504.
+DENSE_FEATURES = ("item_log_pop", "user_log_hist", "category_rate", "author_followed")
+
+
+@dataclass(frozen=True)
+class FollowGraph:
+    """Who follows which author (CSR over users) and each item's author (-1: none)."""
+
+    user_indptr: np.ndarray  # int64 [U + 1]
+    user_authors: np.ndarray  # int64 [E] author indices
+    item_author: np.ndarray  # int64 [I]
+
+    def flags(self, user_idx: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """float32 [N]: does the row's user follow the item's author. `user_idx` has one entry
+        (serving: one user for every item) or one per item; -1 or unseen users follow nobody."""
+        user_idx = np.asarray(user_idx, np.int64)
+        authors = self.item_author[items]
+        n_users = len(self.user_indptr) - 1
+        if len(user_idx) == 1:
+            u = int(user_idx[0])
+            if not 0 <= u < n_users:
+                return np.zeros(len(items), np.float32)
+            mine = self.user_authors[self.user_indptr[u] : self.user_indptr[u + 1]]
+            return np.isin(authors, mine).astype(np.float32)
+        keys = self._keys()
+        if len(keys) == 0:
+            return np.zeros(len(items), np.float32)
+        known = (user_idx >= 0) & (user_idx < n_users) & (authors >= 0)
+        q = np.where(known, user_idx, 0) * self._n_authors() + np.maximum(authors, 0)
+        pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+        return (known & (keys[pos] == q)).astype(np.float32)
+
+    def _n_authors(self) -> int:
+        return int(max(self.user_authors.max(initial=-1), self.item_author.max(initial=-1))) + 1
+
+    def _keys(self) -> np.ndarray:
+        # sorted user × author keys, computed once (training assembles millions of rows)
+        k = self.__dict__.get("_sorted_keys")
+        if k is None:
+            users = np.repeat(np.arange(len(self.user_indptr) - 1, dtype=np.int64), np.diff(self.user_indptr))
+            k = np.sort(users * self._n_authors() + self.user_authors.astype(np.int64))
+            object.__setattr__(self, "_sorted_keys", k)
+        return k
 
 
 @dataclass(frozen=True)
@@ -26,11 +73,18 @@ class ItemTable:
     item_fields: np.ndarray  # int64 [I, Fi]
     item_pop: np.ndarray  # float32 [I] log-popularity
     category_col: int | None  # column of item_fields holding the category, if any
+    follows: FollowGraph | None = None  # the build's follow graph, if the dataset has authors and one
 
     @classmethod
-    def for_schema(cls, item_fields: np.ndarray, item_pop: np.ndarray, schema) -> "ItemTable":
+    def for_schema(cls, item_fields: np.ndarray, item_pop: np.ndarray, schema,
+                   follow_indptr: np.ndarray | None = None, follow_authors: np.ndarray | None = None) -> "ItemTable":
         names = [f.name for f in schema.item_fields]
-        return cls(item_fields, item_pop, names.index(schema.category_field) if schema.category_field in names else None)
+        follows = None
+        if follow_indptr is not None and schema.author_field in names:
+            # author codes are author index + 1 (0 = unknown)
+            authors = np.asarray(item_fields[:, names.index(schema.author_field)], np.int64) - 1
+            follows = FollowGraph(np.asarray(follow_indptr, np.int64), np.asarray(follow_authors, np.int64), authors)
+        return cls(item_fields, item_pop, names.index(schema.category_field) if schema.category_field in names else None, follows)
 
 
 def pad_history(history: np.ndarray, length: int) -> np.ndarray:
@@ -69,6 +123,8 @@ def ranker_inputs(
         hist_code = np.where(valid, codes[np.maximum(hist_ids - 1, 0)], -1)  # [M, L]: history codes gathered once per user row
         count = (hist_code == codes[items][:, None]).sum(axis=1).astype(np.float32)  # [N]
         dense[:, 2] = count / np.maximum(n_hist, 1.0)
+    if table.follows is not None:
+        dense[:, 3] = table.follows.flags(user_idx, items)
     return {
         "user_idx": np.ascontiguousarray(np.asarray(user_idx, np.int64) + 1),
         "user_fields": np.ascontiguousarray(user_fields, dtype=np.int64),

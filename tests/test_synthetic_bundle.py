@@ -81,3 +81,36 @@ def test_eval_on_synthetic_bundle(synthetic_bundle):
     assert fc["kept_click_head_after_recall"] == r["ranker_agreement@20"]["serving_800"]
     assert set(r["ranker_auc"]) == {"click", "long_view", "like", "share", "follow", "dislike", "continue"}
     assert 0 <= r["pipeline"]["recall@20"] <= 1
+
+
+def test_ranker_sees_whether_the_user_follows_the_author(synthetic_bundle):
+    """The `author_followed` feature served (one user, bundle's follow graph) equals the one
+    trained on (a user per row, the dataset's graph) and the world's own follow relation."""
+    from app.build import _table
+    from rank.features import DENSE_FEATURES, pad_history, ranker_inputs
+
+    path, manifest = synthetic_bundle
+    col = DENSE_FEATURES.index("author_followed")
+    b = Bundle.load(path)
+    world = SyntheticWorld(WorldConfig(**manifest["source"]["world"]))
+    ds = world.generate_log()
+    offline_table = _table(ds, np.zeros(ds.n_items, np.float32))
+    p = Pipeline(b, Settings())
+    rng = np.random.default_rng(3)
+    seen = 0
+    for u in rng.choice(world.n_users, 30, replace=False):
+        # items of the authors the user follows, and others
+        followed = world.is_following(np.full(world.n_items, u), world.item_author)
+        items = np.concatenate([rng.choice(np.flatnonzero(followed), 5), rng.choice(np.flatnonzero(~followed), 5)])
+        ctx = p.context(request_id="f", user_id=str(b.user_ids[u]), count=10, scene="home", exclude_item_ids=[], events=[], seed=0)
+        online = ranker_inputs(p.stage("rank").table, np.array([ctx.user_idx]), ctx.user_fields.reshape(1, -1),
+                               pad_history(ctx.history, b.schema.history_len).reshape(1, -1), items)["dense"][:, col]
+        offline = ranker_inputs(offline_table, np.full(10, u), ds.user_fields[np.full(10, u)], np.zeros((10, 4), np.int64), items)["dense"][:, col]
+        np.testing.assert_array_equal(online, followed[items].astype(np.float32))
+        np.testing.assert_array_equal(offline, online)
+        seen += int(online.sum())
+    assert seen == 150  # five followed-author items per user, all flagged
+    # an unknown user follows nobody
+    ctx = p.context(request_id="g", user_id="nobody-here", count=10, scene="home", exclude_item_ids=[], events=[], seed=0)
+    assert ranker_inputs(p.stage("rank").table, np.array([ctx.user_idx]), ctx.user_fields.reshape(1, -1),
+                         pad_history(ctx.history, b.schema.history_len).reshape(1, -1), np.arange(50))["dense"][:, col].sum() == 0
