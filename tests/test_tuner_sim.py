@@ -51,6 +51,11 @@ def test_report_contract_es_via_cli(small_world_bundle, tmp_path):
     # disjoint evaluation users a 2-iteration search may)
     assert rep["oracle_search"]["reward_best"] >= rep["oracle_search"]["reward_prior"] - 1e-9
     assert all(r["buckets"]["x0"]["n"] >= 60 for r in rep["series"])
+    # one task's β moved to the final mean at a time; a task the tuner left alone gains nothing
+    assert set(rep["gain_by_task"]) == set(rep["prior_params"])
+    for t, g in rep["gain_by_task"].items():
+        if rep["final_params"][t] == rep["prior_params"][t]:
+            assert g == 0.0
     assert rep["plot"] is None or (tmp_path / "es.png").stat().st_size > 0
 
 
