@@ -45,25 +45,24 @@ class FollowGraph:
                 return np.zeros(len(items), np.float32)
             mine = self.user_authors[self.user_indptr[u] : self.user_indptr[u + 1]]
             return np.isin(authors, mine).astype(np.float32)
-        keys = self._keys()
+        keys, n_authors = self._keys()
         if len(keys) == 0:
             return np.zeros(len(items), np.float32)
-        known = (user_idx >= 0) & (user_idx < n_users) & (authors >= 0)
-        q = np.where(known, user_idx, 0) * self._n_authors() + np.maximum(authors, 0)
+        known = (user_idx >= 0) & (user_idx < n_users) & (authors >= 0) & (authors < n_authors)
+        q = np.where(known, user_idx * n_authors + authors, -1)
         pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
         return (known & (keys[pos] == q)).astype(np.float32)
 
-    def _n_authors(self) -> int:
-        return int(max(self.user_authors.max(initial=-1), self.item_author.max(initial=-1))) + 1
-
-    def _keys(self) -> np.ndarray:
-        # sorted user × author keys, computed once (training assembles millions of rows)
-        k = self.__dict__.get("_sorted_keys")
-        if k is None:
+    def _keys(self) -> tuple[np.ndarray, int]:
+        # sorted user × author keys, computed once: training assembles millions of rows in
+        # batches (serving takes the one-user path above)
+        cached = self.__dict__.get("_sorted_keys")
+        if cached is None:
+            n_authors = int(self.user_authors.max(initial=-1)) + 1
             users = np.repeat(np.arange(len(self.user_indptr) - 1, dtype=np.int64), np.diff(self.user_indptr))
-            k = np.sort(users * self._n_authors() + self.user_authors.astype(np.int64))
-            object.__setattr__(self, "_sorted_keys", k)
-        return k
+            cached = (np.sort(users * n_authors + self.user_authors), n_authors)
+            object.__setattr__(self, "_sorted_keys", cached)
+        return cached
 
 
 @dataclass(frozen=True)

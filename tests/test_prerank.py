@@ -181,3 +181,25 @@ def test_features_offline_equal_online(ml_folder, pipeline):
         for name in ("item_idx", "item_fields"):
             np.testing.assert_array_equal(online[name], offline[name], err_msg=name)
         np.testing.assert_allclose(online["dense"], offline["dense"], rtol=1e-6, err_msg="dense")
+
+
+def test_follow_flags_match_the_graph_row_by_row_and_per_user():
+    """`author_followed`: the batched path (a user per row: training) and the one-user path
+    (serving) both equal a direct lookup; unknown users and authorless items are 0."""
+    from rank.features import FollowGraph
+
+    rng = np.random.default_rng(0)
+    indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 5, 100))])
+    authors = rng.integers(0, 30, indptr[-1])
+    item_author = rng.integers(-1, 35, 200)  # -1: no author; 30-34: authors nobody follows
+    g = FollowGraph(indptr, authors, item_author)
+
+    def direct(u, i):
+        return float(0 <= u < 100 and item_author[i] >= 0 and item_author[i] in set(authors[indptr[u]:indptr[u + 1]].tolist()))
+
+    users, items = rng.integers(-1, 103, 5000), rng.integers(0, 200, 5000)
+    want = np.array([direct(u, i) for u, i in zip(users, items)], np.float32)
+    np.testing.assert_array_equal(g.flags(users, items), want)
+    assert 100 < want.sum() < 4900
+    for u in range(-1, 103):
+        np.testing.assert_array_equal(g.flags(np.array([u]), items[:60]), [direct(u, i) for i in items[:60]])
