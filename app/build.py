@@ -338,8 +338,7 @@ def build_bundle(
         np.savez(tmp / "itemcf.npz", **served, **{f"cosine_{k}": v for k, v in cos.items()}, **{f"swing_{k}": v for k, v in sw.items()})
         progress.update(step, advance=1, note=f"{itemcf} served; {len(sw['indices'])} swing / {len(cos['indices'])} cosine pairs")
         if ds.follow_indptr is not None and s.author_field:
-            col = [f.name for f in s.item_fields].index(s.author_field)
-            authors = ds.item_fields[:, col] - 1  # codes are author + 1
+            authors = s.item_authors(ds.item_fields)
             np.savez(tmp / "follow.npz", **build_follow(ds.follow_indptr, ds.follow_authors, np.maximum(authors, 0), ds.item_created, int(authors.max()) + 1))
         step = progress.add_task("graph", total=1, note="")
         g = build_graph(ds.ev_user[train_pos], ds.ev_item[train_pos], ds.n_users, ds.n_items)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -44,6 +46,14 @@ class Schema:
 
     def task_index(self, name: str) -> int:
         return self.task_names.index(name)
+
+    def item_authors(self, item_fields: np.ndarray) -> np.ndarray | None:
+        """int64 [I] author index of each item (-1: unknown; codes are author + 1), or None
+        when the dataset has no author field."""
+        names = [f.name for f in self.item_fields]
+        if self.author_field not in names:
+            return None
+        return np.asarray(item_fields[:, names.index(self.author_field)], np.int64) - 1
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,6 +7,7 @@ padding / unknown.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class FollowGraph:
                 return np.zeros(len(items), np.float32)
             mine = self.user_authors[self.user_indptr[u] : self.user_indptr[u + 1]]
             return np.isin(authors, mine).astype(np.float32)
-        keys, n_authors = self._keys()
+        keys, n_authors = self._sorted_keys
         if len(keys) == 0:
             return np.zeros(len(items), np.float32)
         known = (user_idx >= 0) & (user_idx < n_users) & (authors >= 0) & (authors < n_authors)
@@ -53,16 +54,13 @@ class FollowGraph:
         pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
         return (known & (keys[pos] == q)).astype(np.float32)
 
-    def _keys(self) -> tuple[np.ndarray, int]:
-        # sorted user × author keys, computed once: training assembles millions of rows in
-        # batches (serving takes the one-user path above)
-        cached = self.__dict__.get("_sorted_keys")
-        if cached is None:
-            n_authors = int(self.user_authors.max(initial=-1)) + 1
-            users = np.repeat(np.arange(len(self.user_indptr) - 1, dtype=np.int64), np.diff(self.user_indptr))
-            cached = (np.sort(users * n_authors + self.user_authors), n_authors)
-            object.__setattr__(self, "_sorted_keys", cached)
-        return cached
+    @cached_property
+    def _sorted_keys(self) -> tuple[np.ndarray, int]:
+        # sorted user × author keys and the author count, computed on first use: training
+        # assembles millions of rows in batches; serving takes the one-user path above
+        n_authors = int(self.user_authors.max(initial=-1)) + 1
+        users = np.repeat(np.arange(len(self.user_indptr) - 1, dtype=np.int64), np.diff(self.user_indptr))
+        return np.sort(users * n_authors + self.user_authors), n_authors
 
 
 @dataclass(frozen=True)
@@ -78,11 +76,8 @@ class ItemTable:
     def for_schema(cls, item_fields: np.ndarray, item_pop: np.ndarray, schema,
                    follow_indptr: np.ndarray | None = None, follow_authors: np.ndarray | None = None) -> "ItemTable":
         names = [f.name for f in schema.item_fields]
-        follows = None
-        if follow_indptr is not None and schema.author_field in names:
-            # author codes are author index + 1 (0 = unknown)
-            authors = np.asarray(item_fields[:, names.index(schema.author_field)], np.int64) - 1
-            follows = FollowGraph(np.asarray(follow_indptr, np.int64), np.asarray(follow_authors, np.int64), authors)
+        authors = schema.item_authors(item_fields) if follow_indptr is not None else None
+        follows = None if authors is None else FollowGraph(np.asarray(follow_indptr, np.int64), np.asarray(follow_authors, np.int64), authors)
         return cls(item_fields, item_pop, names.index(schema.category_field) if schema.category_field in names else None, follows)
 
 
