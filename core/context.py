@@ -27,6 +27,9 @@ class RequestContext:
     user_emb: np.ndarray | None = None
     # Stage-specific notes for the debug trace (e.g. per-path recall counts).
     trace_extra: dict = field(default_factory=dict)
+    # Values derived from the user once per request and shared by stages (the ranker feed's
+    # user side, used by pre-rank stage B and the ranker alike); keyed by their owner.
+    memo: dict = field(default_factory=dict)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     # Serving deadline, time.perf_counter() seconds (inf: no budget, e.g. eval and bench), and
     # what degraded so far: [{"stage": ..., "reason": ..., "detail"?: ...}] (app/pipeline.py).

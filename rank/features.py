@@ -11,6 +11,8 @@ from functools import cached_property
 
 import numpy as np
 
+from core.arrays import in_sorted, take_rows
+
 # Dense features: the item's log-popularity, the history length, and the share of the user's
 # recent items in this item's category. Kept to these three by held-out AUC on the 100k world
 # (ranker alone, later-period rows): adding a category log-count column raised validation
@@ -38,14 +40,10 @@ class FollowGraph:
         """float32 [N]: does the row's user follow the item's author. `user_idx` has one entry
         (serving: one user for every item) or one per item; -1 or unseen users follow nobody."""
         user_idx = np.asarray(user_idx, np.int64)
+        if len(user_idx) == 1:
+            return self.flags_of(self.followed(int(user_idx[0])), items)
         authors = self.item_author[items]
         n_users = len(self.user_indptr) - 1
-        if len(user_idx) == 1:
-            u = int(user_idx[0])
-            if not 0 <= u < n_users:
-                return np.zeros(len(items), np.float32)
-            mine = self.user_authors[self.user_indptr[u] : self.user_indptr[u + 1]]
-            return np.isin(authors, mine).astype(np.float32)
         keys, n_authors = self._sorted_keys
         if len(keys) == 0:
             return np.zeros(len(items), np.float32)
@@ -53,6 +51,16 @@ class FollowGraph:
         q = np.where(known, user_idx * n_authors + authors, -1)
         pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
         return (known & (keys[pos] == q)).astype(np.float32)
+
+    def followed(self, u: int) -> np.ndarray:
+        """Sorted authors user `u` follows (none for -1 or a user beyond the graph)."""
+        if not 0 <= u < len(self.user_indptr) - 1:
+            return np.zeros(0, np.int64)
+        return np.unique(self.user_authors[self.user_indptr[u] : self.user_indptr[u + 1]])
+
+    def flags_of(self, followed: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """float32 [N]: is each item's author in `followed` (sorted, as `followed()` gives)."""
+        return in_sorted(self.item_author[items], followed).astype(np.float32)
 
     @cached_property
     def _sorted_keys(self) -> tuple[np.ndarray, int]:
@@ -94,6 +102,65 @@ def model_history(hist: np.ndarray) -> np.ndarray:
     return np.where(hist >= 0, hist + 1, 0).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class UserSide:
+    """The user side of a ranker feed for M user rows: model inputs and what the per-item
+    features need from the user. Serving builds it once per request (M = 1) and pre-rank
+    stage B and the ranker both use it (`request_inputs`)."""
+
+    user_idx: np.ndarray  # int64 [M] model ids (index + 1, 0 unknown)
+    user_fields: np.ndarray  # int64 [M, Fu]
+    hist: np.ndarray  # int64 [M, L] model ids (0 = pad)
+    log_hist: np.ndarray  # float32 [M] log(1 + history length)
+    n_hist: np.ndarray  # float32 [M] history length, at least 1 (the category rate's denominator)
+    hist_code: np.ndarray | None  # int64 [M, L] category code per history slot (-1 pad); None without categories
+    followed: np.ndarray | None  # M = 1: sorted authors the user follows; None: per-row lookup or no follow graph
+
+
+def user_side(table: ItemTable, user_idx: np.ndarray, user_fields: np.ndarray, hist_ids: np.ndarray) -> UserSide:
+    user_idx = np.asarray(user_idx, np.int64)
+    hist_ids = np.asarray(hist_ids, np.int64)
+    valid = hist_ids > 0
+    n_hist = valid.sum(axis=1).astype(np.float32)  # [M]
+    hist_code = None
+    if table.category_col is not None:
+        codes = table.item_fields[:, table.category_col]
+        hist_code = np.where(valid, codes[np.maximum(hist_ids - 1, 0)], -1)  # history codes gathered once per user row
+    followed = table.follows.followed(int(user_idx[0])) if table.follows is not None and len(user_idx) == 1 else None
+    return UserSide(
+        np.ascontiguousarray(user_idx + 1), np.ascontiguousarray(user_fields, dtype=np.int64), np.ascontiguousarray(hist_ids),
+        np.log1p(n_hist), np.maximum(n_hist, 1.0), hist_code, followed,
+    )
+
+
+def feed_for(table: ItemTable, side: UserSide, items: np.ndarray) -> dict[str, np.ndarray]:
+    """The ranker's ONNX feed for `side`'s user rows over N items (M = N, or M = 1 broadcast)."""
+    items = np.asarray(items, np.int64)
+    n = len(items)
+    fields = take_rows(table.item_fields, items)
+    dense = np.empty((n, len(DENSE_FEATURES)), np.float32)
+    dense[:, 0] = table.item_pop[items]
+    dense[:, 1] = side.log_hist
+    if side.hist_code is not None:
+        dense[:, 2] = (side.hist_code == fields[:, table.category_col, None]).sum(axis=1) / side.n_hist
+    else:
+        dense[:, 2] = 0.0
+    if table.follows is None:
+        dense[:, 3] = 0.0
+    elif side.followed is not None:
+        dense[:, 3] = table.follows.flags_of(side.followed, items)
+    else:
+        dense[:, 3] = table.follows.flags(side.user_idx - 1, items)
+    return {
+        "user_idx": side.user_idx,
+        "user_fields": side.user_fields,
+        "hist": side.hist,
+        "item_idx": items + 1,
+        "item_fields": fields,
+        "dense": dense,
+    }
+
+
 def ranker_inputs(
     table: ItemTable,
     user_idx: np.ndarray,  # int64 [M] user index, -1 unknown
@@ -104,29 +171,7 @@ def ranker_inputs(
     """The ranker's ONNX feed for N (user, item) rows. M = N (a user per row: training,
     evaluation) or M = 1 (one user for every item: serving); the user-side inputs keep
     their M rows and the per-item features broadcast over them."""
-    items = np.asarray(items, np.int64)
-    hist_ids = np.asarray(hist_ids, np.int64)
-    valid = hist_ids > 0
-    n_hist = valid.sum(axis=1).astype(np.float32)  # [M]
-    n = len(items)
-    dense = np.zeros((n, len(DENSE_FEATURES)), np.float32)
-    dense[:, 0] = table.item_pop[items]
-    dense[:, 1] = np.log1p(n_hist)
-    if table.category_col is not None:
-        codes = table.item_fields[:, table.category_col]
-        hist_code = np.where(valid, codes[np.maximum(hist_ids - 1, 0)], -1)  # [M, L]: history codes gathered once per user row
-        count = (hist_code == codes[items][:, None]).sum(axis=1).astype(np.float32)  # [N]
-        dense[:, 2] = count / np.maximum(n_hist, 1.0)
-    if table.follows is not None:
-        dense[:, 3] = table.follows.flags(user_idx, items)
-    return {
-        "user_idx": np.ascontiguousarray(np.asarray(user_idx, np.int64) + 1),
-        "user_fields": np.ascontiguousarray(user_fields, dtype=np.int64),
-        "hist": np.ascontiguousarray(hist_ids),
-        "item_idx": items + 1,
-        "item_fields": np.ascontiguousarray(table.item_fields[items]),
-        "dense": dense,
-    }
+    return feed_for(table, user_side(table, user_idx, user_fields, hist_ids), items)
 
 
 def request_inputs(table: ItemTable, ctx, history_len: int, items: np.ndarray, user_rows: int = 1, trim: bool = False) -> dict[str, np.ndarray]:
@@ -134,18 +179,23 @@ def request_inputs(table: ItemTable, ctx, history_len: int, items: np.ndarray, u
     side in `user_rows` rows (1: the model broadcasts it; len(items): one per row, for models
     exported before user broadcast). `trim`: the history only as long as the user's (at least
     one slot), for models exported with a dynamic history length; the attention's cost is
-    candidates × history slots, and most users have far fewer than `history_len` items."""
-    hist = pad_history(ctx.history, history_len)
-    if trim:
-        hist = hist[: max(1, min(len(ctx.history), history_len))]
-    history_len = len(hist)
-    return ranker_inputs(
-        table,
-        np.full(user_rows, ctx.user_idx, np.int64),
-        np.broadcast_to(np.asarray(ctx.user_fields, np.int64), (user_rows, len(ctx.user_fields))),
-        np.broadcast_to(hist, (user_rows, history_len)),
-        items,
-    )
+    candidates × history slots, and most users have far fewer than `history_len` items.
+    The user side is assembled once per request and kept in ctx.memo (stage B and the ranker
+    share it)."""
+    key = ("ranker_user_side", id(table), history_len, trim, user_rows)
+    side = ctx.memo.get(key)
+    if side is None:
+        hist = pad_history(ctx.history, history_len)
+        if trim:
+            hist = hist[: max(1, min(len(ctx.history), history_len))]
+        side = user_side(
+            table,
+            np.full(user_rows, ctx.user_idx, np.int64),
+            np.broadcast_to(np.asarray(ctx.user_fields, np.int64), (user_rows, len(ctx.user_fields))),
+            np.broadcast_to(hist, (user_rows, len(hist))),
+        )
+        ctx.memo[key] = side
+    return feed_for(table, side, items)
 
 
 def user_tower_inputs(user_idx: np.ndarray, user_fields: np.ndarray, hist_ids: np.ndarray) -> dict[str, np.ndarray]:

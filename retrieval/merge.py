@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Protocol
 
 import numpy as np
 
+from core.arrays import in_sorted
 from core.candidates import Candidates
 from core.context import RequestContext
 
@@ -65,6 +67,33 @@ class MergeModel:
         x[:, -1] = 1.0
         return x
 
+    def logits(self, n: int, inv: np.ndarray, rank: np.ndarray, part: np.ndarray, names: list[str]) -> np.ndarray:
+        """float32 [n]: features(...) @ weights without building the feature matrix (serving).
+        The model is linear, so each row adds its path's found + logit-rate terms (one table
+        lookup) and its log-rank term, and rows sum per item; one pass over all rows instead of
+        a handful of array ops per path."""
+        table, offset, last, w_rank = self._row_tables
+        w = self.weights
+        k = np.array([self.paths.index(nm) if nm in self.paths else -1 for nm in names] or [-1], np.int64)[part]
+        contrib = np.full(len(inv), float(w[-2]))  # every part counts in n_paths
+        known = np.flatnonzero(k >= 0)
+        kk, r = k[known], rank[known]
+        contrib[known] += table[offset[kk] + np.minimum(r, last[kk])] + w_rank[kk] * np.log1p(r)
+        return (np.bincount(inv, weights=contrib, minlength=n) + float(w[-1])).astype(np.float32)
+
+    @cached_property
+    def _row_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        # per path: w_found + w_logit · logit(rate[r]) for every tabulated rank r, concatenated
+        w = np.asarray(self.weights, np.float64)
+        parts, offset, last = [], [], []
+        for k, rate in enumerate(self.rates):
+            p = np.clip(np.asarray(rate, np.float64), 1e-6, 1 - 1e-6)
+            offset.append(sum(len(x) for x in parts))
+            last.append(len(p) - 1)
+            parts.append(w[3 * k] + w[3 * k + 1] * np.log(p / (1 - p)))
+        table = np.concatenate(parts) if parts else np.zeros(0)
+        return table, np.array(offset, np.int64), np.array(last, np.int64), w[2::3][: len(self.rates)].copy()
+
     def to_json(self) -> dict:
         return {"features": self.feature_names(), "weights": [round(float(w), 6) for w in self.weights]}
 
@@ -86,13 +115,6 @@ class _Union:
         q = np.zeros(len(self.item), bool)
         q[self.inv[self.rank < self.quota]] = True
         return q
-
-
-def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """values ∈ sorted_set, elementwise; `sorted_set` sorted ascending and non-empty."""
-    pos = np.searchsorted(sorted_set, values)
-    pos[pos == len(sorted_set)] = 0
-    return sorted_set[pos] == values
 
 
 def union_of(parts: list[tuple[Candidates, int]], blocked: np.ndarray) -> _Union | None:
@@ -156,7 +178,7 @@ def merge_candidates(
         return Candidates.empty()
     n = len(u.item)
     if model is not None and model.weights is not None:
-        z = model.features(n, u.inv, u.rank, u.part, names or []) @ model.weights.astype(np.float32)
+        z = model.logits(n, u.inv, u.rank, u.part, names or [])
         prob = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
         score = prob - 2.0 * (~u.inquota)  # beyond every quota: after all in-quota items (prob < 1)
         return Candidates(u.item, u.source, score.astype(np.float32)).top(min(total, n))

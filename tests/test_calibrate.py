@@ -123,3 +123,21 @@ def test_build_stores_a_calibration_the_serving_merge_uses(loaded_bundle, pipeli
     model = pipeline.stage("recall").model
     assert model is not None and set(model.paths) == names
     assert set(cal["validation"]) == {"learned", "rank"}
+
+
+def test_merge_logits_equal_features_times_weights():
+    """Serving's `MergeModel.logits` (no feature matrix) agrees with the fitted form
+    features @ weights, with ranks past the tabulated curve and a part the model does not know."""
+    rng = np.random.default_rng(3)
+    paths = ("ann", "itemcf", "graph")
+    rates = tuple(np.sort(rng.uniform(0.001, 0.3, size))[::-1].astype(np.float32) for size in (40, 25, 60))
+    m = MergeModel(paths, rates, rng.normal(size=3 * len(paths) + 2).astype(np.float32))
+    names = ["graph", "other", "ann", "itemcf"]
+    parts = [(Candidates.from_source(rng.choice(500, n, replace=False), np.sort(rng.random(n))[::-1], "ann"), 30)
+             for n in (80, 20, 50, 10)]
+    blocked = np.sort(rng.choice(500, 40, replace=False))
+    u = union_of(parts, blocked)
+    want = m.features(len(u.item), u.inv, u.rank, u.part, names) @ m.weights
+    got = m.logits(len(u.item), u.inv, u.rank, u.part, names)
+    assert u.rank.max() >= 60  # some ranks lie past every curve
+    assert np.allclose(got, want, atol=1e-4)

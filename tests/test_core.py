@@ -91,3 +91,14 @@ def test_in_sorted_matches_isin():
         s = np.unique(rng.integers(0, 100, n_set))
         v = rng.integers(-5, 110, 300)
         assert np.array_equal(in_sorted(v, s), np.isin(v, s))
+
+
+def test_take_rows_matches_fancy_indexing():
+    from core.arrays import take_rows
+
+    rng = np.random.default_rng(1)
+    for a in (rng.integers(0, 9, (50, 3)), rng.random((40, 5)).astype(np.float32), rng.integers(0, 9, (30, 4))[:, ::2], np.zeros((5, 0))):
+        idx = rng.integers(0, len(a), 17)
+        got = take_rows(a, idx)
+        assert got.dtype == a.dtype and np.array_equal(got, a[idx])
+    assert take_rows(np.arange(12).reshape(6, 2), np.zeros(0, np.int64)).shape == (0, 2)
