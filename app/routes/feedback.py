@@ -7,14 +7,16 @@ from fastapi import APIRouter
 
 from app.deps import StateDep
 from app.resilience import record_feedback
+from app.responses import ORJSONResponse
 from app.schemas import ERROR_RESPONSES, FeedbackRequest, FeedbackResponse
 from core.store import FeedbackEvent
 
 router = APIRouter(tags=["feedback"])
 
 
-@router.post("/v1/feedback", status_code=202, response_model=FeedbackResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES)
-async def feedback(req: FeedbackRequest, state: StateDep) -> FeedbackResponse:
+@router.post("/v1/feedback", status_code=202, response_model=FeedbackResponse, response_model_exclude_none=True, response_class=ORJSONResponse,
+             responses=ERROR_RESPONSES)
+async def feedback(req: FeedbackRequest, state: StateDep):
     """Events are durable once this returns 202, deduplicated by (request_id, item_id, type),
     and must refer to a served request of the same user and to items that request returned.
     For requests served inside a tuner round they also count toward that round's bucket.
@@ -34,4 +36,8 @@ async def feedback(req: FeedbackRequest, state: StateDep) -> FeedbackResponse:
         state.metrics.spool_events.set(state.spool.pending)
     state.metrics.request_seconds.labels("feedback").observe(time.perf_counter() - t0)
     state.metrics.requests.labels("feedback", "202").inc()
-    return FeedbackResponse(accepted=inserted, duplicates=len(events) - inserted, spooled=spooled or None)
+    out = {"accepted": inserted, "duplicates": len(events) - inserted}
+    if spooled:
+        out["spooled"] = True
+    # A Response: FastAPI skips re-validating it through FeedbackResponse (which documents it).
+    return ORJSONResponse(out, status_code=202)
