@@ -138,18 +138,14 @@ def feed_for(table: ItemTable, side: UserSide, items: np.ndarray) -> dict[str, n
     items = np.asarray(items, np.int64)
     n = len(items)
     fields = take_rows(table.item_fields, items)
-    dense = np.empty((n, len(DENSE_FEATURES)), np.float32)
+    dense = np.zeros((n, len(DENSE_FEATURES)), np.float32)  # category rate and follow flag stay 0 without them
     dense[:, 0] = table.item_pop[items]
     dense[:, 1] = side.log_hist
     if side.hist_code is not None:
         dense[:, 2] = (side.hist_code == fields[:, table.category_col, None]).sum(axis=1) / side.n_hist
-    else:
-        dense[:, 2] = 0.0
-    if table.follows is None:
-        dense[:, 3] = 0.0
-    elif side.followed is not None:
+    if side.followed is not None:
         dense[:, 3] = table.follows.flags_of(side.followed, items)
-    else:
+    elif table.follows is not None:
         dense[:, 3] = table.follows.flags(side.user_idx - 1, items)
     return {
         "user_idx": side.user_idx,
