@@ -141,6 +141,8 @@ def serve(
     uvicorn.run(
         "app.asgi:app", host=settings.host, port=settings.port, workers=settings.workers,
         log_level=settings.log_level, http="httptools", loop="uvloop",
+        # uvicorn builds every access line's arguments before its logger filters by level
+        access_log=settings.log_level in ("trace", "debug", "info"),
     )
 
 

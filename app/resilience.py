@@ -152,6 +152,11 @@ def _write(state, request_id: str, user_id: str, events: list[FeedbackEvent], se
     """Validate against the served log and write to the store with the tuner tally (raises
     FieldError on bad input, StoreUnavailable when the store cannot be reached)."""
     if served is None:
+        # Served by this worker: its own copy (a served record never changes) spares the store a read.
+        served = state.recent_served.get(request_id)
+        if served is not None and served.ts < time.time() - state.settings.served_log_ttl_s:
+            served = None  # expired from the served log as the store sees it
+    if served is None:
         served = state.store.get_served(request_id)
         if served is None and state.spool.pending:  # served while the store was down, not drained yet
             served = state.spool.get_served(request_id)

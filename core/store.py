@@ -371,6 +371,13 @@ class SQLiteStore:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
+                if tally is None:  # no tuner round: only the count of new rows is needed, one statement for all
+                    before = c.total_changes
+                    c.executemany("INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?,?)",
+                                  [(request_id, user_id, e.item_id, e.type, e.value, e.ts, now) for e in events])
+                    new = c.total_changes - before
+                    c.execute("COMMIT")
+                    return new
                 new = 0
                 delta: dict[str, float] = {}
                 for k, e in enumerate(events):
@@ -378,10 +385,9 @@ class SQLiteStore:
                         "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?,?)",
                         (request_id, user_id, e.item_id, e.type, e.value, e.ts, now),
                     )
-                    if cur.rowcount == 1:
+                    if cur.rowcount == 1:  # a row at a time: the tally counts only the new events
                         new += 1
-                        if tally is not None:
-                            delta[e.item_id] = delta.get(e.item_id, 0.0) + float(tally.rewards[k])
+                        delta[e.item_id] = delta.get(e.item_id, 0.0) + float(tally.rewards[k])
                 if delta:
                     dn, ds, dss = 0, 0.0, 0.0
                     for item, d in delta.items():

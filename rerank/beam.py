@@ -146,6 +146,9 @@ class BeamSearch:
         self.keep_unused = np.where(used, -np.inf, keep)
         # allowed[level, flag]: level 0 all constraints, 1 no cap, 2 no gap, 3 none
         self.allowed = np.array([[f == 0, f in (0, 1), f in (0, 2), f < 4] for f in range(5)]).T
+        # Without a hard constraint only used items are infeasible, and a beam has used t < M of
+        # them: no beam can run out, so the per-step check (three array ops) is skipped.
+        self.hard = self.cap > 0 or self.w_g > 0
 
     def _increments(self, author, category, M):
         """Per pool item j: the code increment its entry adds to every candidate, for the
@@ -197,7 +200,7 @@ class BeamSearch:
             key *= reach[:, None]
             key += R[:, None]
             lvl = None
-            if not (key.max(axis=1) > -np.inf).all():
+            if self.hard and not (key.max(axis=1) > -np.inf).all():
                 # some beam has no feasible item: relax, per beam, the softest constraint first
                 fx = flags.take(X)
                 lvl = np.full(len(R), 3, np.int8)

@@ -145,6 +145,25 @@ def test_feedback_dedup_and_durability_across_restart(settings):
         assert not after & {items[0], items[1], items[2]}
 
 
+def test_feedback_after_the_served_log_ttl_is_refused(settings):
+    """Within the TTL feedback is checked against this worker's own copy of the served request
+    (no store read); past it the request counts as expired, as the store's served log has it."""
+    import time
+
+    settings = settings.model_copy(update={"served_log_ttl_s": 1.0})
+    with TestClient(create_app(settings, background_load=False)) as c:
+        _, user = _known_user(c)
+        rid, items = _serve(c, user)
+        ev = {"request_id": rid, "user_id": user, "events": [{"item_id": items[0], "type": "impression"}]}
+        assert c.app.state.funnel.recent_served.get(rid) is not None
+        r = c.post("/v1/feedback", json=ev)
+        assert r.status_code == 202 and r.json() == {"accepted": 1, "duplicates": 0}
+        time.sleep(1.2)
+        r = c.post("/v1/feedback", json={**ev, "events": [{"item_id": items[1], "type": "impression"}]})
+        assert r.status_code == 422 and "request_id" in r.json()["message"], r.text
+        assert c.app.state.funnel.store.feedback_count() == 1
+
+
 def test_click_changes_the_next_feed(client):
     """The clicked item leaves the feed and its item-CF neighbours can enter."""
     b, _ = _known_user(client)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 from fastapi import APIRouter
 
@@ -29,8 +30,8 @@ async def feedback(req: FeedbackRequest, state: StateDep):
     # One I/O thread hop: validation against the served log, then the write (the SQLite commit
     # fsyncs; it must not stall the event loop).
     inserted, spooled = await asyncio.get_running_loop().run_in_executor(None, record_feedback, state, req.request_id, req.user_id, events)
-    for e in req.events:
-        state.metrics.feedback_events.labels(e.type).inc()
+    for t, n in Counter(e.type for e in req.events).items():  # one labelled increment per type, not per event
+        state.metrics.feedback_events.labels(t).inc(n)
     if spooled:
         state.metrics.degraded.labels("feedback", "store_unavailable").inc()
         state.metrics.spool_events.set(state.spool.pending)
