@@ -431,8 +431,11 @@ class SQLiteStore:
         return {r[0]: BucketStats(int(r[1]), float(r[2]), float(r[3])) for r in rows}
 
     def get_doc(self, key: str) -> Doc | None:
-        with self._lock:
-            row = self._conn.execute("SELECT version, value FROM docs WHERE key = ?", (key,)).fetchone()
+        # On the read connection: a feed reads its fusion parameters here (every cache_seconds), and
+        # on the write connection it waited behind any feedback commit in flight, fsync included
+        # (one slow fsync of ~100 ms put a feed in the p99). Under WAL a reader sees the last commit.
+        with self._read_lock:
+            row = self._read_conn.execute("SELECT version, value FROM main.docs WHERE key = ?", (key,)).fetchone()
         return None if row is None else Doc(int(row[0]), json.loads(row[1]))
 
     def commit(self, writes: list[DocWrite], history: list[dict] | None = None) -> bool:

@@ -271,3 +271,25 @@ def test_sqlite_served_log_does_not_wait_for_feedback_writes(tmp_path):
         assert st._conn.execute("SELECT COUNT(*) FROM served WHERE request_id = 'fresh'").fetchone()[0] == 0
     finally:
         st.close()
+
+
+def test_sqlite_get_doc_does_not_wait_for_a_write_in_flight(tmp_path):
+    """Feeds read their fusion parameters with get_doc: it must not queue behind a feedback
+    commit (whose fsync can take ~100 ms on a slow disk). Under WAL it reads the last commit."""
+    from core.store import SQLiteStore
+
+    st = SQLiteStore(tmp_path / "s.db")
+    try:
+        assert st.commit([DocWrite("fusion:home", {"params": {"click": [0.01, 1.0]}})])
+        got = []
+        with st._lock:  # the write connection is busy (a feedback transaction holds it)
+            st._conn.execute("BEGIN IMMEDIATE")
+            st._conn.execute("UPDATE docs SET value = '{}' WHERE key = 'fusion:home'")  # not committed
+            t = threading.Thread(target=lambda: got.append(st.get_doc("fusion:home")), daemon=True)
+            t.start()
+            t.join(10)
+            st._conn.execute("ROLLBACK")
+        assert got, "get_doc waited for the writer"
+        assert got[0].value == {"params": {"click": [0.01, 1.0]}}  # the committed value, not the pending one
+    finally:
+        st.close()
