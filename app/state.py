@@ -49,6 +49,9 @@ class AppState:
     # The one thread per worker that runs pipelines (numpy, faiss and onnxruntime release the
     # GIL there, so the event loop keeps parsing and answering other requests meanwhile).
     compute: ThreadPoolExecutor | None = None
+    # Feedback writes (store round trip or SQLite commit with fsync). SQLite serialises them on one
+    # write lock: more threads only wait on it, wake up and take turns at the GIL.
+    feedback_io: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, GuardedStore):
@@ -60,6 +63,8 @@ class AppState:
             # OpenMP's thread count is per calling thread: set faiss's in the compute thread itself.
             self.compute = ThreadPoolExecutor(1, thread_name_prefix="funnel-compute", initializer=_set_faiss_threads,
                                               initargs=(self.settings.compute_threads,))
+        if self.feedback_io is None and self.settings.feedback_threads > 0:
+            self.feedback_io = ThreadPoolExecutor(self.settings.feedback_threads, thread_name_prefix="funnel-feedback")
         if self.fusion is None:
             s = self.settings
             self.fusion = FusionService(

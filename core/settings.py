@@ -102,6 +102,8 @@ class Settings(BaseSettings):
 
     # Runtime
     compute_threads: int = 1
+    # threads per worker writing feedback (0: the event loop's default pool); SQLite serialises the writes anyway
+    feedback_threads: int = Field(1, ge=0, le=32)
     # The interpreter's GIL switch interval in each worker (sys.setswitchinterval). A worker's
     # event loop, I/O threads and compute thread share one GIL; when the compute thread runs
     # Python between numpy/onnxruntime calls, a request waiting on the loop waits up to this

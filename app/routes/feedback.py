@@ -27,9 +27,9 @@ async def feedback(req: FeedbackRequest, state: StateDep):
     t0 = time.perf_counter()
     now = time.time()
     events = [FeedbackEvent(e.item_id, e.type, e.value, e.ts if e.ts is not None else now) for e in req.events]
-    # One I/O thread hop: validation against the served log, then the write (the SQLite commit
-    # fsyncs; it must not stall the event loop).
-    inserted, spooled = await asyncio.get_running_loop().run_in_executor(None, record_feedback, state, req.request_id, req.user_id, events)
+    # One hop to the worker's feedback thread: validation against the served log, then the write
+    # (the SQLite commit fsyncs; it must not stall the event loop).
+    inserted, spooled = await asyncio.get_running_loop().run_in_executor(state.feedback_io, record_feedback, state, req.request_id, req.user_id, events)
     for t, n in Counter(e.type for e in req.events).items():  # one labelled increment per type, not per event
         state.metrics.feedback_events.labels(t).inc(n)
     if spooled:
