@@ -154,7 +154,7 @@ def _write(state, request_id: str, user_id: str, events: list[FeedbackEvent], se
     if served is None:
         # Served by this worker: its own copy (a served record never changes) spares the store a read.
         served = state.recent_served.get(request_id)
-        if served is not None and served.ts < time.time() - state.settings.served_log_ttl_s:
+        if served is not None and served.expired(state.settings.served_log_ttl_s):
             served = None  # expired from the served log as the store sees it
     if served is None:
         served = state.store.get_served(request_id)

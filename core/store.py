@@ -57,6 +57,10 @@ class ServedRequest:
     round_id: int = -1  # tuner round the request was served in (-1: no tuner round)
     scene: str = "home"
 
+    def expired(self, ttl_s: float, now: float | None = None) -> bool:
+        """Past the served log's TTL: feedback for it is refused as for an unknown request."""
+        return self.ts < (time.time() if now is None else now) - ttl_s
+
 
 @dataclass(frozen=True)
 class FeedbackEvent:
@@ -150,6 +154,8 @@ def history_entry(scene: str, kind: str, round_id: int | None, data: dict, ts: f
     """A history entry as stored: data plus scene, kind, round, ts (the store adds seq)."""
     return {**data, "scene": scene, "kind": kind, "round": round_id, "ts": time.time() if ts is None else ts}
 
+
+_INSERT_FEEDBACK = "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?,?)"
 
 _SERVED_SCHEMA = """CREATE TABLE IF NOT EXISTS served (
   request_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, bucket TEXT NOT NULL, params TEXT NOT NULL, items TEXT NOT NULL,
@@ -354,9 +360,10 @@ class SQLiteStore:
                 ).fetchone()
                 if row is not None:
                     break
-        if row is None or row[5] < time.time() - self.served_ttl_s:
+        if row is None:
             return None
-        return ServedRequest(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], int(row[6]), row[7])
+        served = ServedRequest(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], int(row[6]), row[7])
+        return None if served.expired(self.served_ttl_s) else served
 
     # ------------------------------------------------------------------ feedback
 
@@ -367,47 +374,49 @@ class SQLiteStore:
         now = time.time()
         if tally is not None and len(tally.rewards) != len(events):
             raise ValueError("tally.rewards must align with events")
+        rows = [(request_id, user_id, e.item_id, e.type, e.value, e.ts, now) for e in events]
         with self._lock, self._writer(self._feedback_wlock):
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
                 if tally is None:  # no tuner round: only the count of new rows is needed, one statement for all
                     before = c.total_changes
-                    c.executemany("INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?,?)",
-                                  [(request_id, user_id, e.item_id, e.type, e.value, e.ts, now) for e in events])
+                    c.executemany(_INSERT_FEEDBACK, rows)
                     new = c.total_changes - before
-                    c.execute("COMMIT")
-                    return new
-                new = 0
-                delta: dict[str, float] = {}
-                for k, e in enumerate(events):
-                    cur = c.execute(
-                        "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?,?)",
-                        (request_id, user_id, e.item_id, e.type, e.value, e.ts, now),
-                    )
-                    if cur.rowcount == 1:  # a row at a time: the tally counts only the new events
-                        new += 1
-                        delta[e.item_id] = delta.get(e.item_id, 0.0) + float(tally.rewards[k])
-                if delta:
-                    dn, ds, dss = 0, 0.0, 0.0
-                    for item, d in delta.items():
-                        row = c.execute("SELECT reward FROM impression WHERE request_id = ? AND item_id = ?", (request_id, item)).fetchone()
-                        old = None if row is None else float(row[0])
-                        r = (old or 0.0) + d
-                        c.execute("INSERT OR REPLACE INTO impression VALUES (?,?,?,?)", (request_id, item, r, now))
-                        dn += old is None
-                        ds += d
-                        dss += r * r - (old or 0.0) ** 2
-                    c.execute(
-                        "INSERT INTO bucket_stats VALUES (?,?,?,?,?,?) ON CONFLICT(scene, round, bucket) DO UPDATE SET "
-                        "n = n + excluded.n, sum = sum + excluded.sum, sumsq = sumsq + excluded.sumsq",
-                        (tally.scene, int(tally.round_id), tally.bucket, dn, ds, dss),
-                    )
+                else:
+                    new = self._insert_tallied(c, request_id, rows, tally, now)
                 c.execute("COMMIT")
             except Exception:
                 c.execute("ROLLBACK")
                 raise
             return new
+
+    @staticmethod
+    def _insert_tallied(c: sqlite3.Connection, request_id: str, rows: list[tuple], tally: Tally, now: float) -> int:
+        """Insert a row at a time (the tally counts only the new events) and add the new events'
+        rewards to their impressions and the bucket statistics. Inside the caller's transaction."""
+        new = 0
+        delta: dict[str, float] = {}
+        for k, row in enumerate(rows):
+            if c.execute(_INSERT_FEEDBACK, row).rowcount == 1:
+                new += 1
+                delta[row[2]] = delta.get(row[2], 0.0) + float(tally.rewards[k])  # row[2]: item_id
+        if delta:
+            dn, ds, dss = 0, 0.0, 0.0
+            for item, d in delta.items():
+                got = c.execute("SELECT reward FROM impression WHERE request_id = ? AND item_id = ?", (request_id, item)).fetchone()
+                old = None if got is None else float(got[0])
+                r = (old or 0.0) + d
+                c.execute("INSERT OR REPLACE INTO impression VALUES (?,?,?,?)", (request_id, item, r, now))
+                dn += old is None
+                ds += d
+                dss += r * r - (old or 0.0) ** 2
+            c.execute(
+                "INSERT INTO bucket_stats VALUES (?,?,?,?,?,?) ON CONFLICT(scene, round, bucket) DO UPDATE SET "
+                "n = n + excluded.n, sum = sum + excluded.sum, sumsq = sumsq + excluded.sumsq",
+                (tally.scene, int(tally.round_id), tally.bucket, dn, ds, dss),
+            )
+        return new
 
     def user_events(self, user_id: str, limit: int) -> list[tuple[str, str, float]]:
         with self._read_lock:
