@@ -13,9 +13,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.errors import (FieldError, field_error_handler, http_exception_handler, spool_full_handler, store_unavailable_handler,
                         validation_handler)
 from app.guard import GuardMiddleware
+from app.hot import HotRoute, HotRoutes
 from app.metrics import Metrics
 from app.resilience import StoreUnavailable
 from app.routes import admin, bundles, feedback, health, recommend
+from app.schemas import FeedbackRequest, RecommendRequest
 from app.state import AppState
 from core.settings import Settings
 from core.spool import SpoolFull
@@ -52,6 +54,10 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(StoreUnavailable, store_unavailable_handler)
     app.add_exception_handler(SpoolFull, spool_full_handler)
+    # Innermost of ours: valid recommend / feedback calls skip FastAPI's per-request machinery
+    # (app/hot.py); CORS and the guard still wrap them.
+    app.add_middleware(HotRoutes, routes=[HotRoute("/v1/recommend", RecommendRequest, recommend.hot, recommend.router),
+                                          HotRoute("/v1/feedback", FeedbackRequest, feedback.hot, feedback.router)])
     if settings.cors_origins:  # CORS is off unless origins are configured
         from fastapi.middleware.cors import CORSMiddleware
 

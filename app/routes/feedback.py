@@ -4,9 +4,9 @@ import asyncio
 import time
 from collections import Counter
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from app.deps import StateDep
+from app.deps import StateDep, get_state
 from app.resilience import record_feedback
 from app.responses import ORJSONResponse
 from app.schemas import ERROR_RESPONSES, FeedbackRequest, FeedbackResponse
@@ -42,3 +42,8 @@ async def feedback(req: FeedbackRequest, state: StateDep):
         out["spooled"] = True
     # A Response: FastAPI skips re-validating it through FeedbackResponse (which documents it).
     return ORJSONResponse(out, status_code=202)
+
+
+async def hot(request: Request, req: FeedbackRequest) -> ORJSONResponse:
+    """`feedback` with its dependencies resolved, for app/hot.py."""
+    return await feedback(req, await get_state(request))

@@ -4,9 +4,9 @@ import asyncio
 import time
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from app.deps import PipelineDep, StateDep
+from app.deps import PipelineDep, StateDep, get_pipeline, get_state
 from app.pipeline import Pipeline
 from app.responses import ORJSONResponse
 from app.resilience import StoreUnavailable
@@ -125,3 +125,9 @@ async def recommend(req: RecommendRequest, state: StateDep, pipeline: PipelineDe
     # Returned as a Response: FastAPI skips re-validating it through the response model
     # (which still documents the shape); orjson serialises.
     return ORJSONResponse(out)
+
+
+async def hot(request: Request, req: RecommendRequest) -> ORJSONResponse:
+    """`recommend` with its dependencies resolved, for app/hot.py."""
+    state = await get_state(request)
+    return await recommend(req, state, await get_pipeline(state))
