@@ -15,8 +15,7 @@ overrides (tests) — is replayed to FastAPI unchanged, so every error response 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import orjson
@@ -34,10 +33,14 @@ class HotRoute:
     model: type[BaseModel]  # the body model FastAPI validates against
     call: Endpoint  # resolves the endpoint's dependencies and calls it
     router: APIRouter  # where the route is defined: its route object names it in metrics and errors
+    route: object = field(init=False)
 
-    @cached_property
-    def route(self):
-        return next(r for r in self.router.routes if getattr(r, "path", None) == self.path and "POST" in getattr(r, "methods", ()))
+    def __post_init__(self):
+        # A hot path with no FastAPI route behind it fails here, when the app is created.
+        route = next((r for r in self.router.routes if getattr(r, "path", None) == self.path and "POST" in getattr(r, "methods", ())), None)
+        if route is None:
+            raise ValueError(f"no POST route {self.path} in the router")
+        object.__setattr__(self, "route", route)
 
 
 def _json_content_type(headers) -> bool:
@@ -67,8 +70,6 @@ class HotRoutes:
     def __init__(self, app, routes: list[HotRoute]):
         self.app = app
         self.routes = {r.path: r for r in routes}
-        for r in routes:
-            r.route  # noqa: B018 - a hot path with no FastAPI route behind it fails here, at build time
 
     async def __call__(self, scope, receive, send):
         hot = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None

@@ -87,3 +87,12 @@ def test_dependency_overrides_take_fastapis_path(settings, solved):
         r = c.post("/v1/recommend", json={"user_id": _user(c), "count": 3})
         assert r.status_code == 200 and len(r.json()["items"]) == 3
     assert seen == ["/v1/recommend"] and solved == ["/v1/recommend"]
+
+
+def test_a_hot_route_needs_a_fastapi_route_behind_it():
+    from app.hot import HotRoute
+    from app.routes import recommend
+    from app.schemas import RecommendRequest
+
+    with pytest.raises(ValueError, match="/v1/recommendations"):
+        HotRoute("/v1/recommendations", RecommendRequest, recommend.hot, recommend.router)
