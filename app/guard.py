@@ -62,7 +62,7 @@ class GuardMiddleware:
                 chunks.append(msg.get("body", b""))
                 if not msg.get("more_body", False):
                     break
-            receive = _replay(b"".join(chunks), receive)
+            receive = replay_body(b"".join(chunks), receive)
         if not limited:
             return await self.app(scope, receive, send)
         self.inflight += 1
@@ -82,7 +82,8 @@ def _metrics(scope):
     return getattr(state, "metrics", None)
 
 
-def _replay(body: bytes, receive):
+def replay_body(body: bytes, receive):
+    """An ASGI `receive` that hands over an already-read body once, then waits as usual."""
     sent = False
 
     async def replay():

@@ -24,6 +24,8 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.guard import replay_body
+
 Endpoint = Callable[[Request, BaseModel], Awaitable[Response]]
 
 
@@ -49,19 +51,6 @@ def _json_content_type(headers) -> bool:
             media = v.split(b";", 1)[0].strip().lower()
             return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
     return False
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 class HotRoutes:
@@ -90,7 +79,7 @@ class HotRoutes:
                 raise ValueError("not JSON")
             req = hot.model.model_validate(orjson.loads(body))
         except Exception:  # FastAPI answers it (400/422 naming the field), exactly as before
-            return await self.app(scope, _replay(body, receive), send)
+            return await self.app(scope, replay_body(body, receive), send)
         # The matched route, as Starlette's router would set it (errors are counted by its name).
         scope["route"] = hot.route
         request = Request(scope, receive)
