@@ -20,6 +20,7 @@ from app.resilience import drain_spool
 from core.settings import Settings
 from fusion.formula import fused_log_score
 from tests.test_store_support import backend, make_store, redis_prefix, settings_for  # noqa: F401 (fixtures)
+from tests.test_store_support import metric as _metric
 
 TOKEN = "fault-token"
 
@@ -73,14 +74,6 @@ def _assert_full_valid_feed(c, body, k, count=20):
 
 def _degraded(body) -> set[tuple[str, str]]:
     return {(d["stage"], d["reason"]) for d in body["degraded"]}
-
-
-def _metric(c, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in c.get("/metrics").text.splitlines():
-        if line.startswith(f"{name}{{{want}}}" if labels else f"{name} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_healthy_feed_reports_no_degradation(client):

@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 
 from app.deps import get_state
 from app.main import create_app
+from tests.test_store_support import metric
 
 
 @pytest.fixture()
@@ -26,13 +27,6 @@ def solved(monkeypatch):
 
 def _user(c):
     return str(c.app.state.funnel.pipeline.bundle.user_ids[3])
-
-
-def _metric(c, line_start: str) -> float:
-    for line in c.get("/metrics").text.splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_valid_calls_skip_fastapi_and_invalid_ones_get_its_answers(settings, solved):
@@ -58,10 +52,10 @@ def test_valid_calls_skip_fastapi_and_invalid_ones_get_its_answers(settings, sol
 def test_endpoint_errors_get_the_apps_handlers_and_route_names(settings, solved):
     with TestClient(create_app(settings, background_load=False)) as c:
         user = _user(c)
-        before = _metric(c, 'funnel_requests_total{endpoint="feedback",status="422"}')
+        before = metric(c, "funnel_requests_total", endpoint="feedback", status="422")
         r = c.post("/v1/feedback", json={"request_id": "never-served", "user_id": user, "events": [{"item_id": "1", "type": "click"}]})
         assert r.status_code == 422 and r.json()["message"].startswith("body.request_id: unknown request_id")
-        assert _metric(c, 'funnel_requests_total{endpoint="feedback",status="422"}') == before + 1
+        assert metric(c, "funnel_requests_total", endpoint="feedback", status="422") == before + 1
         assert solved == []  # raised inside the endpoint on the hot path, answered by FieldError's handler
 
 

@@ -76,3 +76,12 @@ def redis_prefix():
     prefix = f"funnel-test:{uuid.uuid4().hex}:"
     yield prefix
     flush_redis_prefix(prefix)
+
+
+def metric(c, name: str, **labels) -> float:
+    """One sample from the app's /metrics (labels sorted by name, as the metrics declare them); 0 when absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith(f"{name}{{{want}}}" if labels else f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
