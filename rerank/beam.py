@@ -146,29 +146,62 @@ class BeamSearch:
         self.keep_unused = np.where(used, -np.inf, keep)
         # allowed[level, flag]: level 0 all constraints, 1 no cap, 2 no gap, 3 none
         self.allowed = np.array([[f == 0, f in (0, 1), f in (0, 2), f < 4] for f in range(5)]).T
-        # Without a hard constraint only used items are infeasible, and a beam has used t < M of
-        # them: no beam can run out, so the per-step check (three array ops) is skipped.
         self.hard = self.cap > 0 or self.w_g > 0
+
+    def _blocked_at_most(self, author, category) -> int:
+        """An upper bound on the unused pool items the hard constraints can block at any slot:
+        the gap blocks the authors of the last w_g items (≤ w_g authors), the cap the categories
+        holding `cap` of the last w_k slots (≤ w_k // cap categories); each blocked code takes
+        at most its pool count."""
+
+        def top_counts(codes, n):
+            if codes is None or n <= 0:
+                return 0
+            known = codes[codes >= 0]
+            if len(known) == 0:
+                return 0
+            counts = np.unique(known, return_counts=True)[1]
+            return int(np.sort(counts)[::-1][:n].sum())
+
+        blocked = top_counts(author, self.w_g)
+        if self.cap > 0:
+            blocked += top_counts(category, self.w_k // self.cap)
+        return blocked
 
     def _increments(self, author, category, M):
         """Per pool item j: the code increment its entry adds to every candidate, for the
         entering item (all components + used) and per leaving window."""
-        eye = np.eye(M, dtype=bool)
-        ea = None if author is None else ((author[:, None] == author[None, :]) & (author[:, None] >= 0)) | eye
-        ec = None if category is None else ((category[:, None] == category[None, :]) & (category[:, None] >= 0)) | eye
-        comps = []  # (window, eq, stride)
-        if ea is not None:
-            comps += [(self.w_a, ea, self.stride[0]), (self.w_g, ea, self.stride[2])]
-        if ec is not None:
-            comps += [(self.w_c, ec, self.stride[1]), (self.w_k, ec, self.stride[3])]
+        eye = np.eye(M, dtype=np.int32)
+        # Unknown codes (< 0) become codes of their own (−1 − position), so one comparison
+        # gives "same known code, or the item itself" and M×M masks are built once per field.
+        own = -1 - np.arange(M)
+        comps = []  # (window, stride, field)
+        if author is not None:
+            comps += [(self.w_a, self.stride[0], 0), (self.w_g, self.stride[2], 0)]
+        if category is not None:
+            comps += [(self.w_c, self.stride[1], 1), (self.w_k, self.stride[3], 1)]
         comps = [x for x in comps if x[0] > 0]
-        inc = eye.astype(np.int32) * self.big
-        leave: dict[int, np.ndarray] = {}
-        for w, eq, s in comps:
-            d = eq.astype(np.int32) * int(s)
-            inc += d
-            leave[w] = leave[w] + d if w in leave else d
-        return inc, sorted(leave.items())
+        eq = {}
+        for f, codes in enumerate((author, category)):
+            if any(c[2] == f for c in comps):
+                a = np.where(codes >= 0, codes, own)
+                eq[f] = a[:, None] == a[None, :]
+        # weight of each field's mask in the entering increment and in each leaving window
+        entering, leaving = {}, {}
+        for w, s, f in comps:
+            entering[f] = entering.get(f, 0) + int(s)
+            leaving.setdefault(w, {})
+            leaving[w][f] = leaving[w].get(f, 0) + int(s)
+
+        def combine(weights, base):
+            out = base
+            for f, s in weights.items():
+                out = out + eq[f] * np.int32(s)
+            return out.astype(np.int32, copy=False)
+
+        inc = combine(entering, eye * np.int32(self.big))
+        leave = [(w, combine(ws, 0)) for w, ws in sorted(leaving.items())]
+        return inc, leave
 
     def search(self, v: np.ndarray, p: np.ndarray, author: np.ndarray | None, category: np.ndarray | None, T: int) -> BeamResult:
         """Best list of T positions into a pool of M candidates, the pool in descending fused
@@ -188,6 +221,12 @@ class BeamSearch:
         pH = p[None, :] * H[:, None]  # [T, M]
         keep_f, keep_u, flags, allowed = self.keep_feasible, self.keep_unused, self.flags, self.allowed
 
+        # A row has at least M − t − blocked feasible items at slot t. When that is >= B at the last
+        # slot, no row can run out and the top B extensions are all feasible: the per-slot
+        # feasibility check and the filter of infeasible picks (five array ops a slot) are skipped.
+        blocked = self._blocked_at_most(author, category) if self.hard else 0
+        safe = M - (T - 1) - blocked >= B
+        Hl = H.tolist()
         X = np.zeros((1, M), np.int32)
         seq = np.zeros((1, T), np.int64)
         relax = None  # int8 [nb, T], created at the first relaxation
@@ -200,7 +239,7 @@ class BeamSearch:
             key *= reach[:, None]
             key += R[:, None]
             lvl = None
-            if self.hard and not (key.max(axis=1) > -np.inf).all():
+            if not safe and self.hard and not (key.max(axis=1) > -np.inf).all():
                 # some beam has no feasible item: relax, per beam, the softest constraint first
                 fx = flags.take(X)
                 lvl = np.full(len(R), 3, np.int8)
@@ -219,15 +258,22 @@ class BeamSearch:
             g = int(flat[:M].argmax())
             kg = flat[g]
             k = B - 1
-            if k > 0:
+            n = len(flat)
+            if k > 0 and k < n:
                 flat[g] = -np.inf
-                n = len(flat)
-                if k < n:
-                    top = np.argpartition(flat, n - k)[n - k :]
-                else:
-                    top = np.arange(n)
-                top = top[flat[top] > -np.inf]
-                sel = np.concatenate(([g], top))
+                # the k best (after g's own slot was emptied) and one more place, which g takes
+                sel = np.argpartition(flat, n - k)[n - k - 1 :]
+                sel[0] = g
+                ksel = flat[sel]
+                ksel[0] = kg
+                if not safe:
+                    ok = ksel > -np.inf
+                    sel, ksel = sel[ok], ksel[ok]
+            elif k > 0:
+                flat[g] = -np.inf
+                rest = np.arange(n)
+                rest = rest[(flat > -np.inf) & (rest != g)]
+                sel = np.concatenate(([g], rest))
                 ksel = flat[sel]
                 ksel[0] = kg
             else:
@@ -235,7 +281,7 @@ class BeamSearch:
                 ksel = np.array([kg])
             parent, item = np.divmod(sel, M)
             reach = reach[parent] * p[item]
-            R = ksel - reach * H[t]  # exact partial reward: key minus the value-to-go term
+            R = ksel - reach * Hl[t]  # exact partial reward: key minus the value-to-go term
             seq = seq[parent]
             seq[:, t] = item
             if relax is not None:

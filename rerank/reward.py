@@ -88,11 +88,15 @@ def continue_prob(heads: np.ndarray, schema: Schema, continue_task: str = "conti
 def window_counts(ids: np.ndarray, window: int) -> np.ndarray:
     """For lists of codes [K, T]: how many of the previous `window` slots share each slot's
     code (codes < 0 are unknown and never match)."""
-    n = np.zeros(ids.shape, np.int64)
-    T = ids.shape[1]
-    for lag in range(1, min(window, T - 1) + 1):
-        n[:, lag:] += (ids[:, lag:] == ids[:, :-lag]) & (ids[:, lag:] >= 0)
-    return n
+    K, T = ids.shape
+    if window <= 0 or T < 2:
+        return np.zeros((K, T), np.int64)
+    # unknown codes get codes of their own, so one [K, T, T] comparison inside the band
+    # 1 <= t − s <= window counts the matches (one pass instead of one per lag)
+    ids = np.where(ids >= 0, ids, -1 - np.arange(K * T).reshape(K, T))
+    lag = np.subtract.outer(np.arange(T), np.arange(T))
+    band = (lag >= 1) & (lag <= window)
+    return np.count_nonzero((ids[:, :, None] == ids[:, None, :]) & band, axis=2).astype(np.int64)
 
 
 def penalty_factor(n_a: np.ndarray | int, n_c: np.ndarray | int, params: RewardParams) -> np.ndarray:
@@ -108,8 +112,10 @@ def next_page_value(used: np.ndarray, v: np.ndarray, p_bar: float, params: Rewar
     K = int(params.next_items)
     if K <= 0 or params.next_weight == 0.0:
         return np.zeros(len(used))
-    order = np.argsort(-v, kind="stable")
-    free = ~used[:, order]  # [K, M] in descending value order
+    # the K best unused items of a list are among its (items used + K) most valuable
+    n = int(used.sum(axis=1).max()) + K if used.size else K
+    order = np.argsort(-v, kind="stable")[:n]
+    free = ~used[:, order]  # [K, n] in descending value order
     rank = np.cumsum(free, axis=1) - 1  # rank among the unused items
     take = free & (rank < K)
     disc = np.where(take, p_bar ** np.clip(rank, 0, None), 0.0)
@@ -145,6 +151,6 @@ def list_reward(
     value = (reach[:, :T] * vl).sum(axis=1)
     penalty = (reach[:, :T] * pen).sum(axis=1)
     used = np.zeros((K, len(v)), bool)
-    np.put_along_axis(used, lists, True, axis=1)
+    used[np.arange(K)[:, None], lists] = True
     nxt = reach[:, T] * next_page_value(used, v, float(p.mean()) if len(p) else 0.0, params)
     return {"reward": value - penalty + nxt, "value": value, "penalty": penalty, "next": nxt, "reach": reach}
