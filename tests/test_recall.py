@@ -176,7 +176,7 @@ def test_ivf_index_reaches_target_recall():
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     q = x[rng.choice(8000, 100, replace=False)]
     index, params = build_index(x, q, k=100, exact_below=1000, ivf_from=5000)
-    assert params["type"] == "ivf_flat" and index.nprobe == params["nprobe"]
+    assert params["type"] == "ivf_fp16" and index.nprobe == params["nprobe"]
     assert params["recall_at_k"] >= 0.95
 
 
