@@ -3,6 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from core.bundle import IdIndex
 from core.candidates import SOURCE_BITS, Candidates, source_names
 from core.offline_metrics import auc, calibration_error, recall_ndcg_at_k
 from sim.dataset import recent_history, sort_events, temporal_split
@@ -102,3 +103,15 @@ def test_take_rows_matches_fancy_indexing():
         got = take_rows(a, idx)
         assert got.dtype == a.dtype and np.array_equal(got, a[idx])
     assert take_rows(np.arange(12).reshape(6, 2), np.zeros(0, np.int64)).shape == (0, 2)
+
+
+def test_id_index_lookup_and_keys_longer_than_every_id():
+    ix = IdIndex(np.array(["u10", "u2", "i7", "u1"]))  # unsorted: looked up through the order
+    assert ix.lookup(["u1", "u2", "u10", "i7", "u3", ""]).tolist() == [3, 1, 0, 2, -1, -1]
+    assert ix.get("u10") == 0 and "i7" in ix and ix.get("x") is None
+    # Longer than the index's ids: no match, even where the key's first characters are an id
+    # (cut to the index's width, "u101" would be "u10").
+    assert ix.lookup(["u101", "cold-123456789", "u2"]).tolist() == [-1, -1, 1]
+    assert ix.get("u101") is None and "u101" not in ix
+    with pytest.raises(KeyError):
+        ix["cold-123456789"]
