@@ -223,7 +223,7 @@ class IdIndex:
 
     def __init__(self, ids: np.ndarray):
         ids = np.asarray(ids)
-        if ids.dtype.kind not in "US":
+        if ids.dtype.kind != "U":  # keys are looked up as str
             ids = ids.astype(str)
         if len(ids) > 1 and bool(np.all(ids[1:] > ids[:-1])):
             self.order, self.sorted = None, ids
@@ -254,7 +254,7 @@ class IdIndex:
     @property
     def width(self) -> int:
         """Characters in the longest id the index can hold (its string dtype's width)."""
-        return self.sorted.dtype.itemsize // (4 if self.sorted.dtype.kind == "U" else 1)
+        return self.sorted.dtype.itemsize // 4
 
     def get(self, key: str, default=None):
         key = str(key)

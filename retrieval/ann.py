@@ -26,8 +26,9 @@ def build_index(
     ivf_from: int = IVF_FROM, target: float = TARGET_RECALL, seed: int = 0,
 ):
     """Exact inner product below `exact_below` items; HNSW32 up to `ivf_from`, IVF above,
-    its vectors stored as float16 (IVF-SQfp16): recall@k the same as float32 lists at the same
-    nprobe, half the bytes scanned per query (1M×32, nprobe 96: 0.28 vs 0.38 ms a search). The search parameter (efSearch, never below k since faiss does not raise it
+    its vectors stored as float16 (IVF-SQfp16): recall@k the same as float32 lists at the
+    same nprobe, half the bytes scanned per query (1M×32, nprobe 96: 0.28 vs 0.38 ms a
+    search). The search parameter (efSearch, never below k since faiss does not raise it
     itself; or nprobe) is raised until recall@k against exact search on `queries` (real
     user vectors) reaches `target`. Returns (index, params for the manifest)."""
     import faiss

@@ -93,6 +93,29 @@ def test_greedy_equals_beam_width_one():
         np.testing.assert_array_equal(got, _reference_greedy(v, p, a, cat, 10, params, c))
 
 
+def test_skipping_the_feasibility_checks_changes_no_list(monkeypatch):
+    """Where the pool bounds what the hard constraints can block (BeamSearch._blocked_at_most),
+    the per-slot checks are skipped; forcing them back on gives the same lists and rewards."""
+    rng = np.random.default_rng(7)
+    params = RewardParams(author_window=3, author_penalty=0.3, category_window=4, category_penalty=0.1)
+    cases = []
+    for k in range(30):
+        c = Constraints(min_author_gap=2 + k % 3, max_per_category=(0, 2, 3)[k % 3], category_window=4)
+        v, p, a, cat = _instance(rng, M=int(rng.choice([12, 40, 90])), n_auth=int(rng.choice([3, 10, 60])), n_cat=int(rng.choice([2, 8])))
+        a[rng.random(len(a)) < 0.1] = -1  # unknown authors never block
+        bs = BeamSearch(params, c, beam=int(rng.choice([1, 4, 8])))
+        cases.append((bs, (v, p, a, cat, int(rng.choice([5, 10, 20])))))
+    fast = [bs.search(*x) for bs, x in cases]
+    skipped = sum(len(x[0]) - (x[4] - 1) - bs._blocked_at_most(x[2], x[3]) >= bs.beam for bs, x in cases)
+    assert 0 < skipped < len(cases)  # both paths occur
+    monkeypatch.setattr(BeamSearch, "_blocked_at_most", lambda self, a, c: 10**9)  # never safe: always check
+    for (bs, x), r in zip(cases, fast):
+        checked = bs.search(*x)
+        np.testing.assert_array_equal(checked.order, r.order)
+        np.testing.assert_array_equal(checked.finals, r.finals)
+        assert checked.reward == r.reward and checked.relaxed == r.relaxed
+
+
 def test_constraints_hold_or_are_reported_as_relaxed():
     rng = np.random.default_rng(2)
     params = RewardParams()
