@@ -51,18 +51,10 @@ class GuardMiddleware:
                                  [(b"retry-after", self.retry_after)])
         if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
             # No Content-Length (chunked): read the body here, within the limit, and replay it.
-            chunks, size = [], 0
-            while True:
-                msg = await receive()
-                if msg["type"] != "http.request":
-                    break
-                size += len(msg.get("body", b""))
-                if size > self.max_body:
-                    return await _refuse(send, 413, "body", f"request body exceeds the limit of {self.max_body} bytes")
-                chunks.append(msg.get("body", b""))
-                if not msg.get("more_body", False):
-                    break
-            receive = replay_body(b"".join(chunks), receive)
+            body, _ = await read_body(receive, self.max_body)
+            if body is None:
+                return await _refuse(send, 413, "body", f"request body exceeds the limit of {self.max_body} bytes")
+            receive = replay_body(body, receive)
         if not limited:
             return await self.app(scope, receive, send)
         self.inflight += 1
@@ -80,6 +72,22 @@ def _metrics(scope):
     app = scope.get("app")
     state = getattr(getattr(app, "state", None), "funnel", None)
     return getattr(state, "metrics", None)
+
+
+async def read_body(receive, limit: int | None = None) -> tuple[bytes | None, bool]:
+    """The request body from an ASGI `receive`, and whether the client disconnected before its
+    end (the body is then what arrived). Body None: it grew beyond `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return b"".join(chunks), True
+        size += len(msg.get("body", b""))
+        if limit is not None and size > limit:
+            return None, False
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return b"".join(chunks), False
 
 
 def replay_body(body: bytes, receive):

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.guard import replay_body
+from app.guard import read_body, replay_body
 
 Endpoint = Callable[[Request, BaseModel], Awaitable[Response]]
 
@@ -65,15 +65,9 @@ class HotRoutes:
         fastapi_app = scope.get("app")
         if hot is None or getattr(fastapi_app, "dependency_overrides", None):
             return await self.app(scope, receive, send)
-        chunks = []
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":  # disconnected before the body arrived
-                return
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body, disconnected = await read_body(receive)
+        if disconnected:  # before the body arrived: nobody to answer
+            return
         try:
             if not _json_content_type(scope["headers"]):
                 raise ValueError("not JSON")

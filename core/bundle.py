@@ -257,10 +257,7 @@ class IdIndex:
         return self.sorted.dtype.itemsize // 4
 
     def get(self, key: str, default=None):
-        key = str(key)
-        if len(key) > self.width:
-            return default
-        r = int(self.lookup([key])[0])
+        r = int(self.lookup([str(key)])[0])
         return default if r < 0 else r
 
     def __getitem__(self, key: str) -> int:

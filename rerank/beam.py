@@ -272,7 +272,7 @@ class BeamSearch:
             elif k > 0:
                 flat[g] = -np.inf
                 rest = np.arange(n)
-                rest = rest[(flat > -np.inf) & (rest != g)]
+                rest = rest[flat > -np.inf]  # g's own slot was emptied above
                 sel = np.concatenate(([g], rest))
                 ksel = flat[sel]
                 ksel[0] = kg
