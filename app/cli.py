@@ -138,12 +138,19 @@ def serve(
     # Settings reach worker processes through the environment.
     for k, v in overrides.items():
         os.environ[f"FUNNEL_{k.upper()}"] = str(v)
-    uvicorn.run(
-        "app.asgi:app", host=settings.host, port=settings.port, workers=settings.workers,
+    options = dict(
+        host=settings.host, port=settings.port, workers=settings.workers,
         log_level=settings.log_level, http="httptools", loop="uvloop",
         # uvicorn builds every access line's arguments before its logger filters by level
         access_log=settings.log_level in ("trace", "debug", "info"),
     )
+    if settings.workers > 1:
+        # uvicorn's supervisor, with workers that keep their open-connection counts even (app/balance.py)
+        from app.balance import run_workers
+
+        run_workers(uvicorn.Config("app.asgi:app", **options))
+    else:
+        uvicorn.run("app.asgi:app", **options)
 
 
 @app.command("eval")

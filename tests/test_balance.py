@@ -1,0 +1,135 @@
+"""Workers keep their open-connection counts even (app/balance.py): the accept rule on a shared
+table, and real `funnel serve --workers 2` processes holding keep-alive connections."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from app.balance import WorkerSlot, create_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_only_the_least_loaded_workers_accept(tmp_path):
+    path, clock = create_table(tmp_path), Clock()
+    a, b = WorkerSlot(path, clock=clock), WorkerSlot(path, clock=clock)
+    assert a.index != b.index
+    assert a.may_accept(0) and b.may_accept(0)  # ties: both may take the next one
+    assert a.may_accept(1) is False  # b holds 0
+    assert b.may_accept(0) and b.may_accept(1)  # b's 1 == a's 1
+    assert b.may_accept(2) is False
+    assert a.may_accept(1)
+
+
+def test_a_worker_that_stops_beating_is_ignored_and_its_row_taken_over(tmp_path):
+    path, clock = create_table(tmp_path), Clock()
+    a, b = WorkerSlot(path, stale_s=1.0, clock=clock), WorkerSlot(path, stale_s=1.0, clock=clock)
+    b.publish(0)
+    assert a.may_accept(5) is False
+    clock.t += 1.5  # b's heartbeat is now stale: a no longer waits for it
+    assert a.may_accept(5)
+    c = WorkerSlot(path, stale_s=1.0, clock=clock)  # a restarted worker takes b's row
+    assert c.index == b.index
+    assert a.may_accept(5) is False  # and counts again, with 0 connections
+    c.release()
+    assert a.may_accept(5)
+
+
+def test_a_row_of_a_dead_process_is_reused(tmp_path):
+    path = create_table(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    first = WorkerSlot(path)
+    first.rows[first.index, 0] = dead.pid  # as if that process had held the row and died
+    second = WorkerSlot(path)
+    assert second.index == first.index
+    assert np.count_nonzero(second.rows[:, 0]) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(sock: socket.socket, path: str) -> bytes:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(v) for k, v in (ln.split(b":", 1) for ln in head.split(b"\r\n")[1:]) if k.strip().lower() == b"content-length")
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head.split(b"\r\n", 1)[0]
+
+
+def _connections_per_worker(server: psutil.Process, port: int) -> list[int]:
+    return sorted(sum(1 for c in w.net_connections("tcp") if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+                  for w in _workers(server))
+
+
+def _workers(server: psutil.Process) -> list[psutil.Process]:
+    # uvicorn's workers, not multiprocessing's resource tracker
+    return [p for p in server.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+
+
+def test_two_workers_split_keep_alive_connections_evenly(ml_bundle, tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")}
+    env.update({"FUNNEL_BUNDLE": str(ml_bundle), "FUNNEL_DB_PATH": str(tmp_path / "state" / "funnel.db"), "FUNNEL_LOG_LEVEL": "warning"})
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    socks = []
+    try:
+        deadline = time.time() + 120
+        while True:  # both workers up: each holds a row of the table only once it serves
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.time() < deadline, "server not ready"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    if _get(s, "/readyz").endswith(b"200 OK") and len(_workers(psutil.Process(proc.pid))) == 2:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        time.sleep(1.0)  # the probe connections above have closed in both workers' counts
+        for _ in range(20):  # one client after another, each keeping its connection, as locust users do
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert _get(s, "/healthz").endswith(b"200 OK")
+            socks.append(s)
+        counts = _connections_per_worker(psutil.Process(proc.pid), port)
+        assert len(counts) == 2 and sum(counts) == 20
+        assert counts[1] - counts[0] <= 2, counts
+        for s in socks:  # they keep working
+            assert _get(s, "/healthz").endswith(b"200 OK")
+    finally:
+        for s in socks:
+            s.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-2000:]
