@@ -43,6 +43,18 @@ def test_feedback_dedup_and_user_events(store):
     assert store.user_events("nobody", 5) == []
 
 
+def test_feedback_beyond_one_statement_counts_and_keeps_every_new_event(store):
+    # More events than one multi-row INSERT holds (SQLite: 140 a statement), duplicates among them.
+    ev = [FeedbackEvent(f"i{k}", "impression", None, 100.0 + k) for k in range(300)]
+    assert store.add_feedback("big", "u9", ev + ev[:50]) == 300
+    again = ev[250:] + [FeedbackEvent(f"i{k}", "click", None, 500.0 + k) for k in range(200)]
+    assert store.add_feedback("big", "u9", again) == 200
+    assert store.feedback_count() == 500
+    got = store.user_events("u9", 1000)
+    assert len(got) == 500 and got[0][:2] == ("i199", "click") and got[-1][:2] == ("i0", "impression")
+    assert all(isinstance(ts, float) for _, _, ts in got)
+
+
 def test_bucket_stats_exact_and_idempotent(store):
     """Rewards of one impression may arrive over several calls; Σr² is exact for the final
     per-impression rewards, and replaying any call changes nothing."""
