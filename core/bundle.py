@@ -219,9 +219,18 @@ def load_npz(path: Path, mmap: bool = True) -> dict[str, np.ndarray]:
 
 class IdIndex:
     """External id (str) → row index, over a sorted copy of the ids (no per-id Python
-    objects: a dict of 1M strings costs ~150 MB in every worker). `lookup` is vectorised."""
+    objects: a dict of 1M strings costs ~150 MB in every worker). `lookup` is vectorised.
+
+    Short key lists (a request's event item ids, its excludes, one user id) go through a
+    bounded dict of the ids looked up recently: binary search over 1M strings misses the CPU
+    caches at every step (0.24 ms for a user's 200 recent events at 1M items), and a feed
+    looks up mostly the same ids as that user's previous one."""
+
+    CACHE_KEYS = 100_000  # ids remembered (~10 MB); the dict starts over when full
+    CACHED_CALL = 1_000  # longer key lists (builds, evaluation) skip the dict
 
     def __init__(self, ids: np.ndarray):
+        self._cache: dict[str, int] = {}
         ids = np.asarray(ids)
         if ids.dtype.kind != "U":  # keys are looked up as str
             ids = ids.astype(str)
@@ -236,7 +245,28 @@ class IdIndex:
 
     def lookup(self, keys) -> np.ndarray:
         """int64 row index per key, -1 where unknown."""
-        k = np.asarray(list(keys) if not isinstance(keys, np.ndarray) else keys, dtype=str)
+        if not isinstance(keys, np.ndarray):
+            keys = list(keys)
+            if 0 < len(keys) <= self.CACHED_CALL:
+                return self._lookup_cached(keys)
+        return self._search(keys)
+
+    def _lookup_cached(self, keys: list) -> np.ndarray:
+        get = self._cache.get
+        rows = [get(k, -2) for k in keys]  # -2: not in the dict (-1 is a known miss)
+        todo = [i for i, r in enumerate(rows) if r == -2]
+        if todo:
+            found = self._search([keys[i] for i in todo]).tolist()
+            if len(self._cache) + len(todo) > self.CACHE_KEYS:
+                self._cache = {}  # bounded: start over (the index itself never changes)
+            cache = self._cache
+            for i, r in zip(todo, found):
+                rows[i] = r
+                cache[str(keys[i])] = r
+        return np.array(rows, np.int64)
+
+    def _search(self, keys) -> np.ndarray:
+        k = np.asarray(keys, dtype=str)
         if k.size == 0 or len(self.sorted) == 0:
             return np.full(k.shape, -1, np.int64)
         # Keys go to searchsorted in the index's own dtype: a wider key array (one key longer

@@ -115,3 +115,18 @@ def test_id_index_lookup_and_keys_longer_than_every_id():
     assert ix.get("u101") is None and "u101" not in ix
     with pytest.raises(KeyError):
         ix["cold-123456789"]
+
+
+def test_id_index_short_lookups_through_its_dict_match_the_search():
+    rng = np.random.default_rng(3)
+    ids = np.array([f"i{k}" for k in rng.permutation(5000)])
+    ix = IdIndex(ids)
+    ix.CACHE_KEYS = 300  # small, so the dict also starts over during the test
+    truth = {s: k for k, s in enumerate(ids.tolist())}
+    for _ in range(60):
+        keys = [f"i{k}" for k in rng.integers(0, 5400, int(rng.integers(1, 200)))] + ["i12345678901"]
+        want = [truth.get(k, -1) for k in keys]
+        assert ix.lookup(keys).tolist() == want  # through the dict
+        assert ix.lookup(np.array(keys)).tolist() == want  # arrays are always searched
+        assert len(ix._cache) <= 300
+    assert ix.lookup([]).tolist() == []
