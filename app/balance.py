@@ -13,7 +13,7 @@ memory-mapped by every worker. A worker replaces uvicorn's `create_server` with 
 loop on the shared socket: before each accept it publishes its own count and compares it with
 the other live rows; a worker above the minimum waits (re-checking every `poll_s`) while a
 less loaded one takes the connection. A row whose heartbeat is older than `stale_s` (a dead or
-stuck worker) is ignored, so the others never wait on it, and a restarted worker takes it over.
+stuck worker) is ignored, so the others never wait on it; a restarted worker takes a free row or a dead one's.
 Whatever the counts, the least loaded worker always accepts, so a connection never waits for
 more than a few milliseconds in the backlog.
 """
@@ -75,12 +75,15 @@ class WorkerSlot:
         fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
         try:
             now = self.clock()
-            for i in range(SLOTS):
-                pid, _, beat = self.rows[i]
-                if pid == 0 or now - beat > self.stale_s or not _alive(int(pid)):
-                    self.rows[i] = (os.getpid(), 0.0, now)
-                    return i
-            raise RuntimeError(f"no free row in the worker table {self.path} ({SLOTS} rows)")
+            # A free row or one of a dead process; else one whose worker has stopped beating
+            # (alive but stuck: the others ignore it already).
+            free = [i for i in range(SLOTS) if self.rows[i, 0] == 0 or not _alive(int(self.rows[i, 0]))]
+            stale = [i for i in range(SLOTS) if now - self.rows[i, 2] > self.stale_s]
+            if not free and not stale:
+                raise RuntimeError(f"no free row in the worker table {self.path} ({SLOTS} rows)")
+            i = (free or stale)[0]
+            self.rows[i] = (os.getpid(), 0.0, now)
+            return i
         finally:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
 

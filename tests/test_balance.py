@@ -36,18 +36,20 @@ def test_only_the_least_loaded_workers_accept(tmp_path):
     assert a.may_accept(1)
 
 
-def test_a_worker_that_stops_beating_is_ignored_and_its_row_taken_over(tmp_path):
+def test_a_worker_that_stops_beating_is_ignored_until_it_beats_again(tmp_path):
     path, clock = create_table(tmp_path), Clock()
     a, b = WorkerSlot(path, stale_s=1.0, clock=clock), WorkerSlot(path, stale_s=1.0, clock=clock)
     b.publish(0)
     assert a.may_accept(5) is False
     clock.t += 1.5  # b's heartbeat is now stale: a no longer waits for it
     assert a.may_accept(5)
-    c = WorkerSlot(path, stale_s=1.0, clock=clock)  # a restarted worker takes b's row
-    assert c.index == b.index
-    assert a.may_accept(5) is False  # and counts again, with 0 connections
+    c = WorkerSlot(path, stale_s=1.0, clock=clock)  # a new worker takes a free row, not b's
+    assert c.index not in (a.index, b.index)
+    assert a.may_accept(5) is False  # and counts, with 0 connections
     c.release()
     assert a.may_accept(5)
+    b.publish(0)  # b beats again: counted again
+    assert a.may_accept(5) is False
 
 
 def test_a_row_of_a_dead_process_is_reused(tmp_path):
