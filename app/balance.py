@@ -202,7 +202,7 @@ def run_workers(config) -> None:
     A uvicorn whose supervisor no longer builds workers this way runs them unbalanced."""
     if not isinstance(getattr(_UvicornProcess, "server", None), property):
         log.warning("uvicorn %s: workers not balanced (its supervisor changed shape)", uvicorn.__version__)
-        return uvicorn.Server(config).run() if config.workers <= 1 else multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
     table = create_table()
     os.environ[TABLE_ENV] = str(table)
     # uvicorn's supervisor builds its worker processes from this module global.

@@ -392,17 +392,11 @@ class SQLiteStore:
                 # No tuner round: one multi-row INSERT, its own (fsynced) transaction. Each SQLite
                 # call releases and retakes the GIL, and under load every retake may wait for the
                 # compute thread: one call instead of BEGIN, a step per row and COMMIT.
-                before = c.total_changes
-                c.execute(_insert_feedback_rows(len(rows)), [v for r in rows for v in r])
-                return c.total_changes - before
+                return self._insert_untallied(c, rows)
             c.execute("BEGIN IMMEDIATE")
             try:
                 if tally is None:  # no tuner round: only the count of new rows is needed, few statements for all
-                    before = c.total_changes
-                    for i in range(0, len(rows), _ROWS_PER_INSERT):
-                        chunk = rows[i:i + _ROWS_PER_INSERT]
-                        c.execute(_insert_feedback_rows(len(chunk)), [v for r in chunk for v in r])
-                    new = c.total_changes - before
+                    new = self._insert_untallied(c, rows)
                 else:
                     new = self._insert_tallied(c, request_id, rows, tally, now)
                 c.execute("COMMIT")
@@ -410,6 +404,15 @@ class SQLiteStore:
                 c.execute("ROLLBACK")
                 raise
             return new
+
+    @staticmethod
+    def _insert_untallied(c: sqlite3.Connection, rows: list[tuple]) -> int:
+        """Insert rows (duplicates ignored) by multi-row statements; returns how many were new."""
+        before = c.total_changes
+        for i in range(0, len(rows), _ROWS_PER_INSERT):
+            chunk = rows[i:i + _ROWS_PER_INSERT]
+            c.execute(_insert_feedback_rows(len(chunk)), [v for r in chunk for v in r])
+        return c.total_changes - before
 
     @staticmethod
     def _insert_tallied(c: sqlite3.Connection, request_id: str, rows: list[tuple], tally: Tally, now: float) -> int:

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from app.balance import WorkerSlot, create_table
+from loadtest.run import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,12 +64,6 @@ def test_a_row_of_a_dead_process_is_reused(tmp_path):
     assert np.count_nonzero(second.rows[:, 0]) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(sock: socket.socket, path: str) -> bytes:
     sock.sendall(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
     data = b""
@@ -94,7 +89,7 @@ def _workers(server: psutil.Process) -> list[psutil.Process]:
 
 
 def test_two_workers_split_keep_alive_connections_evenly(ml_bundle, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")}
     env.update({"FUNNEL_BUNDLE": str(ml_bundle), "FUNNEL_DB_PATH": str(tmp_path / "state" / "funnel.db"), "FUNNEL_LOG_LEVEL": "warning"})
     log = open(tmp_path / "serve.log", "wb")

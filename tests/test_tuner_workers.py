@@ -4,7 +4,6 @@ resumes the round. Both stores. Bounded in time (every wait has a deadline)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.run import free_port
 from tests.test_store_support import REDIS_URL, backend, redis_available, redis_prefix  # noqa: F401 (fixtures)
 
 TOKEN = "worker-test-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(backend, tmp_path, prefix, bundle, tuner: dict, poll: float) -> dict:
@@ -41,7 +35,7 @@ def _env(backend, tmp_path, prefix, bundle, tuner: dict, poll: float) -> dict:
 
 class Server:
     def __init__(self, env: dict, workers: int, tmp_path: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp_path / f"uvicorn-{self.port}.log", "w")
         self.proc = subprocess.Popen(
