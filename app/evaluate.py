@@ -25,7 +25,7 @@ from core.bundle import Bundle
 from core.candidates import SOURCE_BITS, Candidates
 from core.offline_metrics import recall_ndcg_at_k
 from core.settings import Settings
-from rank.features import ItemTable, pad_history, ranker_inputs
+from rank.features import ItemTable, ranker_inputs, request_inputs
 
 KS = (20, 50, 200, 1000)
 
@@ -68,17 +68,15 @@ def _finish(acc: dict, ks) -> dict:
 def _exhaustive_topk(bundle: Bundle, table: ItemTable, ctx, k: int, fusion, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """The ranker's top-k over every unseen item in the catalog: (by the request's fusion of
     its heads, the order the ranker stage serves; by its first head, click)."""
-    hist = pad_history(ctx.history, bundle.schema.history_len)
     cand = np.setdiff1d(np.arange(bundle.n_items), ctx.blocked(), assume_unique=True)
     probs = np.empty((len(cand), len(bundle.schema.tasks)), np.float32)
+    broadcast = bool(bundle.manifest["models"]["ranker"].get("user_broadcast", False))
     for s in range(0, len(cand), chunk):
         c = cand[s : s + chunk]
-        n = len(c)
-        feeds = ranker_inputs(
-            table, np.full(n, ctx.user_idx, np.int64), np.broadcast_to(ctx.user_fields, (n, len(ctx.user_fields))),
-            np.broadcast_to(hist, (n, len(hist))), c,
-        )
-        probs[s : s + n] = bundle.ranker.run(["probs"], feeds)[0]
+        # the user side once, as serving feeds it (the exported attention's per-user blocks
+        # would otherwise be built for every row)
+        feeds = request_inputs(table, ctx, bundle.schema.history_len, c, 1 if broadcast else len(c))
+        probs[s : s + len(c)] = bundle.ranker.run(["probs"], feeds)[0]
     kk = min(k, len(cand) - 1)
     return tuple(cand[np.argpartition(-scores, kk)[:k]] for scores in (fusion.score(ctx, probs), probs[:, 0]))
 
@@ -158,8 +156,8 @@ def evaluate(
 
     def heldout(session) -> dict:
         probs = []
-        for s in range(0, len(te_u), 8192):
-            sl = slice(s, s + 8192)
+        for s in range(0, len(te_u), 1024):  # a user per row: the attention's blocks are per row
+            sl = slice(s, s + 1024)
             probs.append(session.run(["probs"], ranker_inputs(table, te_u[sl], ds.user_fields[te_u[sl]], te_h[sl], te_i[sl]))[0])
         return head_metrics(ds.schema, te_y, np.concatenate(probs))
 

@@ -51,6 +51,27 @@ def test_target_attention_weighs_history_per_candidate_and_ignores_padding():
     assert torch.all(att(q, k, torch.zeros_like(mask)) == 0)
 
 
+def test_blocked_attention_is_the_same_function():
+    """The export's matrix-product form (one user's history shared by every candidate, and a
+    history per row) agrees with the broadcasting form, padding and empty histories included."""
+    torch.manual_seed(1)
+    att = TargetAttention(4, 8)
+    with torch.no_grad():
+        for p in att.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    q = torch.randn(6, 4)
+    for k, mask in (
+        (torch.randn(1, 7, 4), torch.tensor([[True] * 5 + [False] * 2])),
+        (torch.randn(6, 7, 4), torch.rand(6, 7) > 0.4),
+        (torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.bool)),
+    ):
+        want = att(q, k, mask)
+        att.blocked = True
+        got = att(q, k, mask)
+        att.blocked = False
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_model_differs_from_mean_pooling_only_in_the_pooling():
     x = _inputs()
     din, mean = _model(attention=True), _model(attention=False)
