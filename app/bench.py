@@ -255,7 +255,7 @@ class _StageSpy:
 
 
 def bench(bundle_path: Path | str, requests: int = 2000, warmup: int = 100, seed: int = 0, settings: Settings | None = None,
-          kernels: bool = True) -> dict:
+          kernels: bool = True, recent_events: int = 0) -> dict:
     import faiss
 
     settings = settings or Settings()
@@ -270,15 +270,27 @@ def bench(bundle_path: Path | str, requests: int = 2000, warmup: int = 100, seed
     has_hist = np.flatnonzero(np.diff(bundle.hist_indptr) > 0)
     users = rng.choice(has_hist, warmup + requests)
 
+    # recent_events: each request carries that many real-time events (what the feedback of a
+    # served user adds; the load test's users gain ~7 a second): items drawn by popularity, one
+    # in four a click (a history item), the rest impressions, most recent first. Drawn up front:
+    # the timed context then costs what it costs a served request (id lookups, history merge).
+    events = [[] for _ in users]
+    if recent_events > 0:
+        pop = np.expm1(bundle.item_pop.astype(np.float64)) + 1e-9
+        drawn = np.random.default_rng(seed + 1).choice(bundle.n_items, (len(users), recent_events), p=pop / pop.sum())
+        kinds = np.where(np.arange(recent_events) % 4 == 0, "click", "impression").tolist()
+        now = time.time()
+        events = [list(zip(bundle.item_ids[row].tolist(), kinds, (now - np.arange(recent_events)).tolist())) for row in drawn]
+
     def make_ctx(n, u):
-        return pipe.context(request_id=f"b{n}", user_id=str(bundle.user_ids[u]), count=20, scene="home", exclude_item_ids=[], events=[])
+        return pipe.context(request_id=f"b{n}", user_id=str(bundle.user_ids[u]), count=20, scene="home", exclude_item_ids=[], events=events[n])
 
     # Kernel inputs are recorded on the warm-up requests; then end-to-end requests and bare
     # kernel calls alternate in blocks, so background load hits both sides of the ratio alike.
     inputs = _capture(pipe, make_ctx, users[: max(warmup, 1)]) if kernels else {}
     kern_ms: dict[str, list[float]] = defaultdict(list)
     iso_ms: dict[str, list[float]] = defaultdict(list)
-    end_to_end, path_ms, counts = [], defaultdict(list), defaultdict(list)
+    end_to_end, path_ms, counts, hist_items = [], defaultdict(list), defaultdict(list), []
     timings: dict[str, float] = {}
     pipe.observe = lambda stage, sec: timings.__setitem__(stage, sec * 1e3)
     block, timed = 50, 0
@@ -292,6 +304,7 @@ def bench(bundle_path: Path | str, requests: int = 2000, warmup: int = 100, seed
         if n < warmup:
             continue
         end_to_end.append(total)
+        hist_items.append(len(ctx.history))
         stage_ms["context"].append((t_ctx - t) * 1e3)
         for k, v in timings.items():
             stage_ms[k].append(v)
@@ -313,6 +326,8 @@ def bench(bundle_path: Path | str, requests: int = 2000, warmup: int = 100, seed
         "users": bundle.n_users,
         "requests": len(end_to_end),
         "threads": settings.compute_threads,
+        "recent_events": recent_events,
+        "history_items_mean": round(float(np.mean(hist_items)), 1) if hist_items else 0.0,  # the requests' merged histories
         "end_to_end_ms": e2e,
         "stages_ms": {k: _pcts(v) for k, v in stage_ms.items()},
         "recall_paths_ms": {k: _pcts(v) for k, v in path_ms.items()},

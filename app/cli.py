@@ -187,11 +187,12 @@ def bench_cmd(
     requests: Annotated[int, typer.Option(help="timed requests")] = 2000,
     warmup: Annotated[int, typer.Option(help="untimed warm-up requests")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    recent_events: Annotated[int, typer.Option(min=0, help="real-time events each request carries, as a user's feedback adds them (0: build-time history only)")] = 0,
 ) -> None:
     """In-process latency per stage, per recall path and end to end (p50/p95/p99)."""
     from app.bench import bench
 
-    report = bench(bundle, requests=requests, warmup=warmup)
+    report = bench(bundle, requests=requests, warmup=warmup, recent_events=recent_events)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

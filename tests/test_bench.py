@@ -22,3 +22,11 @@ def test_bench_kernel_floors(ml_bundle):
         assert all(v["n"] == 20 for v in r[kern].values())
         assert abs(r[floor] - sum(v["p50"] for v in r[kern].values())) < 1e-2
         assert abs(r[ratio] - r["end_to_end_ms"]["p50"] / r[floor]) < 1e-2
+
+
+def test_bench_recent_events_lengthen_the_histories(ml_bundle):
+    """--recent-events: every request carries real-time events whose clicks join its history."""
+    base = bench(ml_bundle, requests=10, warmup=2, kernels=False)
+    r = bench(ml_bundle, requests=10, warmup=2, kernels=False, recent_events=40)
+    assert base["recent_events"] == 0 and r["recent_events"] == 40
+    assert r["history_items_mean"] > base["history_items_mean"]
