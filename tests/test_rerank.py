@@ -260,3 +260,21 @@ def test_pipeline_serves_a_reranked_full_list(pipeline):
     tr = ctx.trace_extra["rerank"]
     assert tr["continue"] == "proxy" and tr["slots"] == 20  # ml-100k has no continue head
     assert tr["reward"] >= tr["reward_sort"] - 1e-9 or tr["picked"] == "sort"
+
+
+def test_top_k_finds_the_k_largest_entries():
+    """The beam's selection (rerank.beam.top_k): the same values as a full sort, with -inf
+    entries, ties, fewer rows than k, and rows whose maxima all sit in one row."""
+    from rerank.beam import top_k
+
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        rows, m = int(rng.integers(1, 10)), int(rng.integers(2, 40))
+        flat = np.round(rng.normal(size=rows * m), 1)  # rounding makes ties
+        flat[rng.random(rows * m) < rng.choice([0.0, 0.3, 0.95])] = -np.inf
+        if trial % 5 == 0:
+            flat[:m] += 10.0  # every large entry in row 0
+        k = int(rng.integers(1, min(rows * m, 12)))
+        got = top_k(flat.copy(), rows, k)
+        assert len(got) == k and len(np.unique(got)) == k
+        np.testing.assert_array_equal(np.sort(flat[got]), np.sort(flat)[-k:])
