@@ -270,10 +270,11 @@ def bench(bundle_path: Path | str, requests: int = 2000, warmup: int = 100, seed
     has_hist = np.flatnonzero(np.diff(bundle.hist_indptr) > 0)
     users = rng.choice(has_hist, warmup + requests)
 
-    # recent_events: each request carries that many real-time events (what the feedback of a
-    # served user adds; the load test's users gain ~7 a second): items drawn by popularity, one
-    # in four a click (a history item), the rest impressions, most recent first. Drawn up front:
-    # the timed context then costs what it costs a served request (id lookups, history merge).
+    # recent_events: each request carries that many real-time events (what the feedback of an
+    # active user adds): items drawn by popularity, one in four a click (a history item), the
+    # rest impressions, most recent first, fresh for every request (IdIndex's dict of recent ids
+    # mostly misses: a served user's next feed repeats most of its last one's events). Drawn up
+    # front: the timed context then costs what it costs a served request (id lookups, merge).
     events = [[] for _ in users]
     if recent_events > 0:
         pop = np.expm1(bundle.item_pop.astype(np.float64)) + 1e-9
