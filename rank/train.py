@@ -337,7 +337,7 @@ def fit_platt(z: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, flo
     w = np.array([1.0, 0.0])
     X = np.stack([z, np.ones_like(z)], 1)
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(X @ w)))
+        p = 1.0 / (1.0 + np.exp(-np.clip(X @ w, -500.0, 500.0)))  # same p, without exp overflowing on separable data
         H = (X * (p * (1 - p))[:, None]).T @ X + 1e-6 * np.eye(2)
         step = np.linalg.solve(H, X.T @ (p - y))
         w -= step
