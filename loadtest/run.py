@@ -7,6 +7,7 @@ summary.json:
                                  "mean_ms", "max_ms"}, "feedback": {...}},
      "rps", "recommend_rps", "error_rate", "errors", "server_memory_mb": {"rss", "pss", "uss",
      "processes", "per_process"}, "loadavg_before", "loadavg_after", "locust_cpu_s", "server_cpu_s",
+     "server_cpu_ms_per_feed", "locust_cpu_ms_per_feed" (CPU seconds over answered recommend calls),
      "steps": [...] (step mode), "max_rps_p99_ok" (step mode)}
 
 Step mode (`--step-users 20,40,80,...`): the server stays up; one locust run per user
@@ -211,6 +212,10 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
         "errors": errors, "error_rate": round(errors / total, 6) if total else None,
         "shed_503_retry_after": shed, "errors_not_shed": errors - shed, "failures": _failures(out / prefix),
         "locust_cpu_s": round(locust_cpu, 1), "server_cpu_s": round(server_cpu, 1),
+        # CPU per answered feed (its feedback included): steadier than p99 on a shared machine,
+        # so runs on different days or code compare by it
+        "server_cpu_ms_per_feed": round(server_cpu * 1e3 / rec["requests"], 3) if rec.get("requests") else None,
+        "locust_cpu_ms_per_feed": round(locust_cpu * 1e3 / rec["requests"], 3) if rec.get("requests") else None,
         "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
 
