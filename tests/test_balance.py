@@ -6,16 +6,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
-import pytest
 
 from app.balance import WorkerSlot, create_table
-from loadtest.run import free_port
+from tests.serve_support import Server
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Clock:
@@ -89,31 +86,23 @@ def _workers(server: psutil.Process) -> list[psutil.Process]:
 
 
 def test_two_workers_split_keep_alive_connections_evenly(ml_bundle, tmp_path):
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")}
     env.update({"FUNNEL_BUNDLE": str(ml_bundle), "FUNNEL_DB_PATH": str(tmp_path / "state" / "funnel.db"), "FUNNEL_LOG_LEVEL": "warning"})
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(env, workers=2, tmp_path=tmp_path, command="funnel")
     socks = []
     try:
+        srv.wait_ready()
         deadline = time.time() + 120
-        while True:  # both workers up: each holds a row of the table only once it serves
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            assert time.time() < deadline, "server not ready"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                    if _get(s, "/readyz").endswith(b"200 OK") and len(_workers(psutil.Process(proc.pid))) == 2:
-                        break
-            except OSError:
-                pass
+        while len(_workers(psutil.Process(srv.proc.pid))) < 2:  # both workers up: each holds a row of the table only once it serves
+            assert srv.proc.poll() is None, srv.log_tail()
+            assert time.time() < deadline, "second worker not up"
             time.sleep(0.3)
         time.sleep(1.0)  # the probe connections above have closed in both workers' counts
         for _ in range(20):  # one client after another, each keeping its connection, as locust users do
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
             assert _get(s, "/healthz").endswith(b"200 OK")
             socks.append(s)
-        counts = _connections_per_worker(psutil.Process(proc.pid), port)
+        counts = _connections_per_worker(psutil.Process(srv.proc.pid), srv.port)
         assert len(counts) == 2 and sum(counts) == 20
         assert counts[1] - counts[0] <= 2, counts
         for s in socks:  # they keep working
@@ -121,12 +110,5 @@ def test_two_workers_split_keep_alive_connections_evenly(ml_bundle, tmp_path):
     finally:
         for s in socks:
             s.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        log.close()
-    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-2000:]
+        srv.stop(signal.SIGINT)
+    assert srv.proc.returncode == 0, srv.log_tail()

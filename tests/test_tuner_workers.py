@@ -4,20 +4,15 @@ resumes the round. Both stores. Bounded in time (every wait has a deadline)."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import pytest
 
-from loadtest.run import free_port
+from tests.serve_support import Server
 from tests.test_store_support import REDIS_URL, backend, redis_available, redis_prefix  # noqa: F401 (fixtures)
 
 TOKEN = "worker-test-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(backend, tmp_path, prefix, bundle, tuner: dict, poll: float) -> dict:
@@ -31,44 +26,6 @@ def _env(backend, tmp_path, prefix, bundle, tuner: dict, poll: float) -> dict:
             pytest.skip(f"no Redis at {REDIS_URL}")
         env.update({"FUNNEL_REDIS_URL": REDIS_URL, "FUNNEL_REDIS_PREFIX": prefix})
     return env
-
-
-class Server:
-    def __init__(self, env: dict, workers: int, tmp_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp_path / f"uvicorn-{self.port}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.asgi:app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", str(workers), "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        # fresh connection per request, so the kernel spreads them over the workers
-        self.http = httpx.Client(base_url=self.url, timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0))
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(Path(self.log.name)).read_text()[-2000:]}")
-            try:
-                if self.http.get("/readyz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        self.http.close()
-        self.log.close()
 
 
 def _session(http, user: str, n: int = 3) -> tuple[dict, int]:
