@@ -156,7 +156,6 @@ def history_entry(scene: str, kind: str, round_id: int | None, data: dict, ts: f
     return {**data, "scene": scene, "kind": kind, "round": round_id, "ts": time.time() if ts is None else ts}
 
 
-_INSERT_FEEDBACK = "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?,?)"
 _ROWS_PER_INSERT = 140  # 7 parameters a row: within SQLite's oldest limit of 999 parameters a statement
 
 
@@ -421,7 +420,7 @@ class SQLiteStore:
         new = 0
         delta: dict[str, float] = {}
         for k, row in enumerate(rows):
-            if c.execute(_INSERT_FEEDBACK, row).rowcount == 1:
+            if c.execute(_insert_feedback_rows(1), row).rowcount == 1:
                 new += 1
                 delta[row[2]] = delta.get(row[2], 0.0) + float(tally.rewards[k])  # row[2]: item_id
         if delta:

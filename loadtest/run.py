@@ -205,6 +205,7 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
     errors = agg.get("failures", 0)
     # `<endpoint> shed` rows: 503 + Retry-After (see locustfile._fail); everything else failing is a real error
     shed = sum(v["requests"] for k, v in eps.items() if k.endswith(" shed"))
+    feeds = rec.get("requests", 0)  # answered recommend calls
     return {
         "users": users, "duration_s": duration, "wall_s": round(wall, 1), "locust_exit": code,
         "endpoints": {k: v for k, v in eps.items() if k != "aggregated"},
@@ -214,8 +215,8 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
         "locust_cpu_s": round(locust_cpu, 1), "server_cpu_s": round(server_cpu, 1),
         # CPU per answered feed (its feedback included): steadier than p99 on a shared machine,
         # so runs on different days or code compare by it
-        "server_cpu_ms_per_feed": round(server_cpu * 1e3 / rec["requests"], 3) if rec.get("requests") else None,
-        "locust_cpu_ms_per_feed": round(locust_cpu * 1e3 / rec["requests"], 3) if rec.get("requests") else None,
+        "server_cpu_ms_per_feed": round(server_cpu * 1e3 / feeds, 3) if feeds else None,
+        "locust_cpu_ms_per_feed": round(locust_cpu * 1e3 / feeds, 3) if feeds else None,
         "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
 
