@@ -3,7 +3,7 @@
 #   docker run -p 8000:8000 -v $PWD/bundles/ml-100k:/bundle:ro funnel
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/srv/.numba-cache \
     FUNNEL_BUNDLE=/bundle FUNNEL_DB_PATH=/state/funnel.db FUNNEL_HOST=0.0.0.0 FUNNEL_PORT=8000
 
 WORKDIR /srv
@@ -19,7 +19,7 @@ COPY rerank rerank
 COPY loadtest loadtest
 RUN pip install --no-cache-dir . \
  && useradd --system --uid 10001 funnel \
- && mkdir -p /state && chown funnel /state
+ && mkdir -p /state /srv/.numba-cache && chown funnel /state /srv/.numba-cache
 
 USER funnel
 EXPOSE 8000

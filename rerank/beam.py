@@ -37,6 +37,7 @@ import numpy as np
 from core.candidates import Candidates
 from core.context import RequestContext
 from core.schema import Schema
+from rerank.beam_kernel import beam_slots, list_rewards
 from rerank.reward import RewardParams, continue_prob, item_values, list_reward, penalty_factor
 
 NEG = -np.inf
@@ -134,7 +135,7 @@ class BeamSearch:
     """
 
     def __init__(self, params: RewardParams, constraints: Constraints = Constraints(), beam: int = 8,
-                 lookahead: bool = True, compare_sort: bool = True):
+                 lookahead: bool = True, compare_sort: bool = True, kernel: str = "numba"):
         self.params, self.constraints = params, constraints
         self.beam, self.lookahead, self.compare_sort = max(1, int(beam)), lookahead, compare_sort
         p, c = params, constraints
@@ -164,6 +165,23 @@ class BeamSearch:
         # allowed[level, flag]: level 0 all constraints, 1 no cap, 2 no gap, 3 none
         self.allowed = np.array([[f == 0, f in (0, 1), f in (0, 2), f < 4] for f in range(5)]).T
         self.hard = self.cap > 0 or self.w_g > 0
+        if kernel not in ("numba", "numpy"):
+            raise ValueError(f"beam kernel must be numba or numpy, not {kernel!r}")
+        self.kernel = kernel
+        # For the compiled loop: an entering item's code increment per same-author / same-category
+        # match, and per leaving window (ascending) its decrements (the weights _increments puts
+        # into its M×M masks).
+        ent, leaving = [0, 0], {}
+        for w, s, f in ((self.w_a, self.stride[0], 0), (self.w_g, self.stride[2], 0), (self.w_c, self.stride[1], 1), (self.w_k, self.stride[3], 1)):
+            if w > 0:
+                ent[f] += int(s)
+                leaving.setdefault(w, [0, 0])[f] += int(s)
+        self._ent = ent
+        self._lw = np.array(sorted(leaving), np.int64)
+        self._lwa = np.array([leaving[w][0] for w in sorted(leaving)], np.int64)
+        self._lwc = np.array([leaving[w][1] for w in sorted(leaving)], np.int64)
+        self._zero_w = np.zeros(len(leaving), np.int64)
+        self._no_codes = np.zeros(0, np.int64)
 
     def _blocked_at_most(self, author, category) -> int:
         """An upper bound on the unused pool items the hard constraints can block at any slot:
@@ -220,29 +238,11 @@ class BeamSearch:
         leave = [(w, combine(ws, 0)) for w, ws in sorted(leaving.items())]
         return inc, leave
 
-    def search(self, v: np.ndarray, p: np.ndarray, author: np.ndarray | None, category: np.ndarray | None, T: int) -> BeamResult:
-        """Best list of T positions into a pool of M candidates, the pool in descending fused
-        order (position 0 = best fused; used for the sort comparison). v, p: float [M];
-        author / category: int codes [M] (< 0 unknown) or None."""
-        v = np.maximum(np.asarray(v, np.float64), 1e-12)  # floor: v·(−inf) must stay −inf
-        p = np.asarray(p, np.float64)
-        M = len(v)
-        T = int(min(T, M))
-        if T <= 0:
-            return BeamResult(np.zeros(0, np.int64), 0.0)
-        author = None if author is None else np.asarray(author, np.int64)
-        category = None if category is None else np.asarray(category, np.int64)
-        B = self.beam
+    def _slots_numpy(self, v, p, pH, H, author, category, M, T, B, safe):
+        """The slot loop in numpy (the reference for beam_kernel.beam_slots): (seq [nb, T],
+        relax [nb, T] or None)."""
         inc, leave = self._increments(author, category, M)
-        H = value_to_go(v, p, T, self.params) if self.lookahead else np.zeros(T)
-        pH = p[None, :] * H[:, None]  # [T, M]
         keep_f, keep_u, flags, allowed = self.keep_feasible, self.keep_unused, self.flags, self.allowed
-
-        # A row has at least M − t − blocked feasible items at slot t. When that is >= B at the last
-        # slot, no row can run out and the top B extensions are all feasible: the per-slot
-        # feasibility check and the filter of infeasible picks (five array ops a slot) are skipped.
-        blocked = self._blocked_at_most(author, category) if self.hard else 0
-        safe = M - (T - 1) - blocked >= B
         Hl = H.tolist()
         X = np.zeros((1, M), np.int32)
         seq = np.zeros((1, T), np.int64)
@@ -312,10 +312,61 @@ class BeamSearch:
                 if t - w >= 0:
                     X -= dec[seq[:, t - w]]
 
+        return seq, relax
+
+    def _slots_numba(self, v, p, pH, H, author, category, M, B, safe):
+        """The slot loop compiled (rerank/beam_kernel.py): (seq [nb, T], relax [nb, T] or None)."""
+        own = -1 - np.arange(M, dtype=np.int64)
+        a = own if author is None else np.where(author >= 0, author, own)
+        c = own if category is None else np.where(category >= 0, category, own)
+        seq, relax, relaxed = beam_slots(v, p, np.ascontiguousarray(pH), H, a, c, self.keep_feasible, self.keep_unused, self.flags,
+                                         self.allowed, self.big, self._ent[0] if author is not None else 0,
+                                         self._ent[1] if category is not None else 0, self._lw, self._lwa if author is not None else self._zero_w,
+                                         self._lwc if category is not None else self._zero_w, B, safe, self.hard)
+        return seq, (relax if relaxed else None)
+
+    def _rewards_numba(self, lists, v, p, author, category):
+        """list_reward(...)["reward"], compiled (rerank/beam_kernel.py)."""
+        pr = self.params
+        none = self._no_codes
+        return list_rewards(lists, v, p, none if author is None else author, none if category is None else category,
+                            author is not None, category is not None, int(pr.author_window), float(pr.author_penalty),
+                            int(pr.category_window), float(pr.category_penalty), float(pr.category_free),
+                            int(pr.next_items), float(pr.next_weight), float(p.mean()) if len(p) else 0.0)
+
+    def search(self, v: np.ndarray, p: np.ndarray, author: np.ndarray | None, category: np.ndarray | None, T: int) -> BeamResult:
+        """Best list of T positions into a pool of M candidates, the pool in descending fused
+        order (position 0 = best fused; used for the sort comparison). v, p: float [M];
+        author / category: int codes [M] (< 0 unknown) or None."""
+        v = np.maximum(np.asarray(v, np.float64), 1e-12)  # floor: v·(−inf) must stay −inf
+        p = np.asarray(p, np.float64)
+        M = len(v)
+        T = int(min(T, M))
+        if T <= 0:
+            return BeamResult(np.zeros(0, np.int64), 0.0)
+        author = None if author is None else np.asarray(author, np.int64)
+        category = None if category is None else np.asarray(category, np.int64)
+        B = self.beam
+        H = value_to_go(v, p, T, self.params) if self.lookahead else np.zeros(T)
+        pH = p[None, :] * H[:, None]  # [T, M]
+
+        # A row has at least M − t − blocked feasible items at slot t. When that is >= B at the last
+        # slot, no row can run out and the top B extensions are all feasible: the per-slot
+        # feasibility check and the filter of infeasible picks (five array ops a slot) are skipped.
+        blocked = self._blocked_at_most(author, category) if self.hard else 0
+        safe = M - (T - 1) - blocked >= B
+        if self.kernel == "numba":
+            seq, relax = self._slots_numba(v, p, pH, H, author, category, M, B, safe)
+        else:
+            seq, relax = self._slots_numpy(v, p, pH, H, author, category, M, T, B, safe)
+
         lists = seq
         if self.compare_sort:
             lists = np.concatenate([seq, np.arange(T, dtype=np.int64)[None, :]])
-        rw = list_reward(lists, v, p, author, category, self.params)["reward"]
+        if self.kernel == "numba":
+            rw = self._rewards_numba(lists, v, p, author, category)
+        else:
+            rw = list_reward(lists, v, p, author, category, self.params)["reward"]
         best = int(np.argmax(rw[: len(seq)]))
         res = BeamResult(
             order=seq[best].copy(),
@@ -342,9 +393,10 @@ def beam_search(
     constraints: Constraints = Constraints(),
     lookahead: bool = True,
     compare_sort: bool = True,
+    kernel: str = "numba",
 ) -> BeamResult:
     """One-off `BeamSearch(...).search(...)` (see BeamSearch)."""
-    return BeamSearch(params, constraints, beam, lookahead, compare_sort).search(v, p, author, category, T)
+    return BeamSearch(params, constraints, beam, lookahead, compare_sort, kernel).search(v, p, author, category, T)
 
 
 @dataclass(frozen=True)
