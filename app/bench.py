@@ -9,8 +9,8 @@ Kernels (each one call per request, same batch sizes as served):
 - `ann_search`: the faiss `index.search` on the recorded query vector and k;
 - `itemcf_merge`: gather the seeds' neighbour rows, sum weights per item (np.unique +
   bincount), top-k by argpartition;
-- `graph_walks`: the random walks with restart, vectorised over walkers, fixed number of
-  hops (no early stop), visit counts by np.unique, multi-hit boost, top-k;
+- `graph_walks`: the random walks with restart (the compiled `pixie_walks`), fixed number of
+  hops (no early stop), visit counts, multi-hit boost, top-k;
 - `prerank_a`: the candidates' item embeddings times the query vector, top-k;
 - `beam_search`: `BeamSearch.search` on the recorded values, continue probabilities,
   authors and categories.
@@ -102,30 +102,13 @@ def _itemcf_kernel(indptr, indices, data, decay, k):
 
 
 def _walk_kernel(g, seed: int = 0):
-    iu_p, iu_i, ui_p, ui_i = g.iu_indptr, g.iu_indices, g.ui_indptr, g.ui_indices
-    n_items = len(iu_p) - 1
-    rng = np.random.default_rng(seed)
+    from retrieval.graph import pixie_walks
 
-    def hop(indptr, indices, nodes):
-        start = indptr[nodes]
-        deg = indptr[nodes + 1] - start
-        pick = start + (rng.random(len(nodes)) * np.maximum(deg, 1)).astype(np.int64)
-        return indices[np.minimum(pick, len(indices) - 1)], deg > 0
+    rng = np.random.default_rng(seed)
 
     def run(seeds):
         share = g.walker_counts(seeds)
-        slot = np.repeat(np.arange(len(seeds)), share)
-        origin = seeds[slot]
-        pos, keys = origin, []
-        for _ in range(g.steps):
-            users, ok_u = hop(iu_p, iu_i, pos)
-            items, ok_i = hop(ui_p, ui_i, users)
-            alive = ok_u & ok_i
-            keys.append(slot[alive] * n_items + items[alive])
-            pos = np.where((rng.random(len(pos)) < g.restart) | ~alive, origin, items)
-        per_seed, counts = np.unique(np.concatenate(keys), return_counts=True)
-        uniq, inv = np.unique(per_seed % n_items, return_inverse=True)
-        boosted = np.bincount(inv, weights=np.sqrt(counts), minlength=len(uniq)) ** 2
+        uniq, boosted = pixie_walks(g.iu_indptr, g.iu_indices, g.ui_indptr, g.ui_indices, seeds, share, g.steps, float(g.restart), 0, 0, rng)
         return uniq[_topk(boosted, g.k)]
 
     return run
