@@ -121,6 +121,23 @@ def violations(order: np.ndarray, author: np.ndarray | None, category: np.ndarra
     return [{"slot": int(t), "constraints": RELAX_NAMES[int(f[t])]} for t in np.flatnonzero(f)]
 
 
+_warmed = False
+
+
+def _warm_once() -> None:
+    """Compile (or load from numba's cache) the kernels with the argument types serving uses,
+    once per process, so that no request pays for it: a service builds its pipeline, and
+    with it the beam, before it reports ready."""
+    global _warmed
+    if _warmed:
+        return
+    _warmed = True
+    rng = np.random.default_rng(0)
+    search = BeamSearch(RewardParams(), Constraints(2, 1, 3), beam=2)
+    for author in (rng.integers(0, 3, 8), None):
+        search.search(rng.random(8), rng.uniform(0.5, 1.0, 8), author, rng.integers(-1, 3, 8), 4)
+
+
 class BeamSearch:
     """Beam search over lists for fixed reward parameters and constraints.
 
@@ -182,6 +199,8 @@ class BeamSearch:
         self._lwc = np.array([leaving[w][1] for w in sorted(leaving)], np.int64)
         self._zero_w = np.zeros(len(leaving), np.int64)
         self._no_codes = np.zeros(0, np.int64)
+        if kernel == "numba":
+            _warm_once()
 
     def _blocked_at_most(self, author, category) -> int:
         """An upper bound on the unused pool items the hard constraints can block at any slot:

@@ -131,6 +131,10 @@ class GraphRecall:
         self.iu_indptr, self.iu_indices = iu_indptr, iu_indices
         self.walkers, self.steps, self.restart, self.n_seeds, self.k = walkers, steps, restart, seeds, k
         self.decay, self.stop_items, self.stop_visits = decay, stop_items, stop_visits
+        # compile (or load from numba's cache) for these very arrays (read-only when memory-
+        # mapped: another specialisation) now, not in the first request
+        pixie_walks(iu_indptr, iu_indices, ui_indptr, ui_indices, np.zeros(0, np.int64), np.zeros(0, np.int64), 1, 0.5, 0, 0,
+                    np.random.default_rng(0))
 
     def walker_counts(self, seeds: np.ndarray) -> np.ndarray:
         deg = (self.iu_indptr[seeds + 1] - self.iu_indptr[seeds]).astype(np.float64)
