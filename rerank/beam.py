@@ -37,7 +37,7 @@ import numpy as np
 from core.candidates import Candidates
 from core.context import RequestContext
 from core.schema import Schema
-from rerank.beam_kernel import beam_slots, list_rewards
+from rerank.beam_kernel import beam_slots, list_rewards, top_counts
 from rerank.reward import RewardParams, continue_prob, item_values, list_reward, penalty_factor
 
 NEG = -np.inf
@@ -208,19 +208,10 @@ class BeamSearch:
         holding `cap` of the last w_k slots (≤ w_k // cap categories); each blocked code takes
         at most its pool count."""
 
-        def top_counts(codes, n):
-            if codes is None or n <= 0:
-                return 0
-            known = codes[codes >= 0]
-            if len(known) == 0:
-                return 0
-            counts = np.unique(known, return_counts=True)[1]
-            return int(np.sort(counts)[::-1][:n].sum())
-
-        blocked = top_counts(author, self.w_g)
-        if self.cap > 0:
+        blocked = 0 if author is None or self.w_g <= 0 else top_counts(author, self.w_g)
+        if self.cap > 0 and category is not None:
             blocked += top_counts(category, self.w_k // self.cap)
-        return blocked
+        return int(blocked)
 
     def _increments(self, author, category, M):
         """Per pool item j: the code increment its entry adds to every candidate, for the

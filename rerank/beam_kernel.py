@@ -22,6 +22,23 @@ NEG = -np.inf
 
 
 @njit(cache=True, nogil=True)
+def top_counts(codes, n):
+    """The summed counts of the n most frequent known codes (>= 0) of `codes`."""
+    known = np.sort(codes[codes >= 0])
+    if len(known) == 0 or n <= 0:
+        return 0
+    counts = np.empty(len(known), np.int64)
+    m = 0
+    for q in range(len(known)):
+        if q == 0 or known[q] != known[q - 1]:
+            counts[m] = 0
+            m += 1
+        counts[m - 1] += 1
+    top = np.sort(counts[:m])[::-1]
+    return top[:n].sum()
+
+
+@njit(cache=True, nogil=True)
 def _groups(codes):
     """Positions grouped by code: `order` lists them code by code, and position j's group is
     order[lo[j]:hi[j]] (j included)."""
