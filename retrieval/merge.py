@@ -10,8 +10,8 @@ from functools import cached_property
 from typing import Callable, Protocol
 
 import numpy as np
+from numba import njit
 
-from core.arrays import in_sorted
 from core.candidates import Candidates
 from core.context import RequestContext
 
@@ -137,24 +137,61 @@ def union_of(parts: list[tuple[Candidates, int]], blocked: np.ndarray) -> _Union
     if not in_order.all():
         order = np.lexsort((-score, k_of))
         item, bits = item[order], bits[order]
-    # Blocked items removed from all parts in one membership test. `blocked` is sorted unique
-    # (RequestContext.blocked), so a binary search does it: np.isin sorts both sides again
-    # (~125 µs for 2k candidates and 60 blocked vs ~25 µs).
-    if len(blocked):
-        ok = ~in_sorted(item, blocked)
-        before = np.cumsum(ok) - ok  # unblocked rows before each row
-        rank = (before - before[starts][k_of])[ok]  # rank among its part's unblocked rows
-        item, bits, k_of = item[ok], bits[ok], k_of[ok]
-    else:
-        rank = np.arange(len(item), dtype=np.int64) - starts[k_of]
-    if len(item) == 0:
+    uniq, merged_bits, inv, rank, keep = _union_rows(item, bits, starts, np.asarray(blocked, np.int64))
+    if len(uniq) == 0:
         return None
-    uniq, inv = np.unique(item, return_inverse=True)
-    merged_bits = np.zeros(len(uniq), np.uint32)
-    np.bitwise_or.at(merged_bits, inv, bits)
+    k_of = k_of[keep]
     part_index = np.array([n for n, _, _ in kept], np.int64)
     quota = np.array([q for _, _, q in kept], np.int64)
-    return _Union(uniq, merged_bits, inv, rank.astype(np.int64), part_index[k_of], quota[k_of])
+    return _Union(uniq, merged_bits, inv, rank, part_index[k_of], quota[k_of])
+
+
+@njit(cache=True, nogil=True)
+def _union_rows(item, bits, starts, blocked):
+    """The concatenated parts' rows (each part in its score order, part p from starts[p]) with
+    blocked items dropped (`blocked` sorted unique: a binary search per row), ranked inside
+    their part among its unblocked rows, and deduplicated. Returns (unique items ascending,
+    their OR-ed source bits, row -> unique item, row -> rank, kept row -> original row).
+    Compiled: the numpy version was ~15 array calls (membership, two cumsums, np.unique,
+    bitwise_or.at) on ~1,200 rows, most of the merge's time."""
+    n = len(item)
+    n_parts = len(starts)
+    nb = len(blocked)
+    keep = np.empty(n, np.int64)
+    rank = np.empty(n, np.int64)
+    m = 0
+    p = 0
+    r = 0
+    for i in range(n):
+        while p + 1 < n_parts and i >= starts[p + 1]:
+            p += 1
+            r = 0
+        x = item[i]
+        if nb:
+            j = np.searchsorted(blocked, x)
+            if j < nb and blocked[j] == x:
+                continue
+        keep[m] = i
+        rank[m] = r
+        r += 1
+        m += 1
+    kept_items = np.empty(m, np.int64)
+    for q in range(m):
+        kept_items[q] = item[keep[q]]
+    order = np.argsort(kept_items, kind="mergesort")
+    uniq = np.empty(m, np.int64)
+    merged = np.zeros(m, np.uint32)
+    inv = np.empty(m, np.int64)
+    u = -1
+    for q in range(m):
+        row = order[q]
+        x = kept_items[row]
+        if u < 0 or uniq[u] != x:
+            u += 1
+            uniq[u] = x
+        merged[u] |= bits[keep[row]]
+        inv[row] = u
+    return uniq[: u + 1], merged[: u + 1], inv, rank[:m], keep[:m]
 
 
 def merge_candidates(
@@ -219,6 +256,8 @@ class RecallMerge:
         self.sources, self.quotas, self.total, self.multi_hit = sources, quotas, total, multi_hit
         self.on_error = on_error
         self.path_budget_s, self.stage_budget_s = path_budget_s, stage_budget_s
+        # compile (or load from numba's cache) the union now, not in the first request
+        _union_rows(np.zeros(1, np.int64), np.ones(1, np.uint32), np.zeros(1, np.int64), np.zeros(1, np.int64))
         # The learned merge (manifest "merge_calibration"), its rate curves expanded once here.
         self.model: MergeModel | None = None
         if calibration and calibration.get("weights"):
