@@ -85,7 +85,7 @@ def test_top_keeps_an_ordered_set_as_a_prefix_and_sorts_any_other():
 
 
 def test_in_sorted_matches_isin():
-    from retrieval.merge import in_sorted
+    from core.arrays import in_sorted
 
     rng = np.random.default_rng(0)
     for n_set in (1, 3, 50):
