@@ -1,8 +1,10 @@
 """Beam-search reranking over whole lists (DESIGN.md "Rerank"; reward in rerank/reward.py).
 
 The list is built slot by slot from the top-M fused candidates. Every step scores every
-candidate for every beam in one vectorised pass ([B, M] arrays), masks used and infeasible
-items, and keeps the B best extensions. The only Python loop runs over the T slots.
+candidate for every beam ([B, M]), masks used and infeasible items, and keeps the B best
+extensions. The slot loop runs compiled (numba, rerank/beam_kernel.py: per slot, numpy's
+fixed cost per call outweighed the arithmetic on these small arrays); the vectorised numpy
+loop (`kernel="numpy"`, a Python loop over the T slots only) is its reference.
 
 Scoring an extension of beam b by item i at slot t:
     R'      = R_b + reach_b · (v_i − pen_b(i))             (exact partial reward)
@@ -185,9 +187,8 @@ class BeamSearch:
         if kernel not in ("numba", "numpy"):
             raise ValueError(f"beam kernel must be numba or numpy, not {kernel!r}")
         self.kernel = kernel
-        # For the compiled loop: an entering item's code increment per same-author / same-category
-        # match, and per leaving window (ascending) its decrements (the weights _increments puts
-        # into its M×M masks).
+        # An entering item's code increment per same-author / same-category match, and per
+        # leaving window (ascending) its decrements (see _field_codes).
         ent, leaving = [0, 0], {}
         for w, s, f in ((self.w_a, self.stride[0], 0), (self.w_g, self.stride[2], 0), (self.w_c, self.stride[1], 1), (self.w_k, self.stride[3], 1)):
             if w > 0:
@@ -213,39 +214,25 @@ class BeamSearch:
             blocked += top_counts(category, self.w_k // self.cap)
         return int(blocked)
 
+    def _field_codes(self, author, category, M):
+        """Per field, the pool's codes with unknown ones (< 0) made codes of their own (−1 −
+        position), so that equal codes mean "same author/category, or the item itself"; and the
+        weight of a match in an entering item's increment and in each leaving window's
+        decrement (0 for a field the pool does not have)."""
+        own = -1 - np.arange(M, dtype=np.int64)
+        a = own if author is None else np.where(author >= 0, author, own)
+        c = own if category is None else np.where(category >= 0, category, own)
+        ent_a, lwa = (self._ent[0], self._lwa) if author is not None else (0, self._zero_w)
+        ent_c, lwc = (self._ent[1], self._lwc) if category is not None else (0, self._zero_w)
+        return a, c, ent_a, ent_c, lwa, lwc
+
     def _increments(self, author, category, M):
-        """Per pool item j: the code increment its entry adds to every candidate, for the
-        entering item (all components + used) and per leaving window."""
-        eye = np.eye(M, dtype=np.int32)
-        # Unknown codes (< 0) become codes of their own (−1 − position), so one comparison
-        # gives "same known code, or the item itself" and M×M masks are built once per field.
-        own = -1 - np.arange(M)
-        comps = []  # (window, stride, field)
-        if author is not None:
-            comps += [(self.w_a, self.stride[0], 0), (self.w_g, self.stride[2], 0)]
-        if category is not None:
-            comps += [(self.w_c, self.stride[1], 1), (self.w_k, self.stride[3], 1)]
-        comps = [x for x in comps if x[0] > 0]
-        eq = {}
-        for f, codes in enumerate((author, category)):
-            if any(c[2] == f for c in comps):
-                a = np.where(codes >= 0, codes, own)
-                eq[f] = a[:, None] == a[None, :]
-        # weight of each field's mask in the entering increment and in each leaving window
-        entering, leaving = {}, {}
-        for w, s, f in comps:
-            entering[f] = entering.get(f, 0) + int(s)
-            leaving.setdefault(w, {})
-            leaving[w][f] = leaving[w].get(f, 0) + int(s)
-
-        def combine(weights, base):
-            out = base
-            for f, s in weights.items():
-                out = out + eq[f] * np.int32(s)
-            return out.astype(np.int32, copy=False)
-
-        inc = combine(entering, eye * np.int32(self.big))
-        leave = [(w, combine(ws, 0)) for w, ws in sorted(leaving.items())]
+        """Per pool item j, as M×M masks (the numpy loop): the code increment its entry adds to
+        every candidate (all components + used) and, per leaving window, its decrement."""
+        a, c, ent_a, ent_c, lwa, lwc = self._field_codes(author, category, M)
+        eq_a, eq_c = a[:, None] == a[None, :], c[:, None] == c[None, :]
+        inc = (np.eye(M, dtype=np.int32) * np.int32(self.big) + eq_a * np.int32(ent_a) + eq_c * np.int32(ent_c)).astype(np.int32)
+        leave = [(int(w), (eq_a * np.int32(wa) + eq_c * np.int32(wc)).astype(np.int32)) for w, wa, wc in zip(self._lw, lwa, lwc)]
         return inc, leave
 
     def _slots_numpy(self, v, p, pH, H, author, category, M, T, B, safe):
@@ -326,13 +313,9 @@ class BeamSearch:
 
     def _slots_numba(self, v, p, pH, H, author, category, M, B, safe):
         """The slot loop compiled (rerank/beam_kernel.py): (seq [nb, T], relax [nb, T] or None)."""
-        own = -1 - np.arange(M, dtype=np.int64)
-        a = own if author is None else np.where(author >= 0, author, own)
-        c = own if category is None else np.where(category >= 0, category, own)
+        a, c, ent_a, ent_c, lwa, lwc = self._field_codes(author, category, M)
         seq, relax, relaxed = beam_slots(v, p, np.ascontiguousarray(pH), H, a, c, self.keep_feasible, self.keep_unused, self.flags,
-                                         self.allowed, self.big, self._ent[0] if author is not None else 0,
-                                         self._ent[1] if category is not None else 0, self._lw, self._lwa if author is not None else self._zero_w,
-                                         self._lwc if category is not None else self._zero_w, B, safe, self.hard)
+                                         self.allowed, self.big, ent_a, ent_c, self._lw, lwa, lwc, B, safe, self.hard)
         return seq, (relax if relaxed else None)
 
     def _rewards_numba(self, lists, v, p, author, category):
