@@ -68,8 +68,9 @@ SIM_EVENTS = ("click", "like", "share", "follow", "dislike")
 # ----------------------------------------------------------------------------- world + bundle
 
 
-def build_sim_bundle(out: Path, items: int, users: int, seed: int, show=None) -> Path:
-    """Build a bundle from a synthetic world's logs (needs torch: the `train` extra)."""
+def build_sim_bundle(out: Path, items: int, users: int, seed: int, show=None, **build_kw) -> Path:
+    """Build a bundle from a synthetic world's logs (needs torch: the `train` extra).
+    `build_kw` go to build_bundle (tests use them to build smaller)."""
     from app.build import build_bundle
     from sim.synthetic import SyntheticWorld, WorldConfig
 
@@ -77,7 +78,7 @@ def build_sim_bundle(out: Path, items: int, users: int, seed: int, show=None) ->
     if show:
         show(f"building a bundle from a synthetic world ({items} items, {users} users, seed {seed}) in {out} ...")
     ds = SyntheticWorld(cfg).generate_log()
-    build_bundle(ds, {"dataset": "synthetic", "world": asdict(cfg)}, out, epochs_tt=4, epochs_rank=3, seed=seed)
+    build_bundle(ds, {"dataset": "synthetic", "world": asdict(cfg)}, out, epochs_tt=4, epochs_rank=3, seed=seed, **build_kw)
     return out
 
 

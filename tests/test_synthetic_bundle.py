@@ -18,7 +18,8 @@ def synthetic_bundle(tmp_path_factory):
     ds = SyntheticWorld(cfg).generate_log()
     out = tmp_path_factory.mktemp("bundles") / "synth"
     manifest = build_bundle(ds, {"dataset": "synthetic", "world": asdict(cfg)}, out, epochs_tt=3, epochs_rank=2,
-                            rank_ablation=("long_view",), ablation_seeds=2)
+                            rank_ablation=("long_view",), ablation_seeds=2,
+                            calibrate=False, distill_users=300, prerank_users=300)  # built small: the merge's and the distillations' own tests are elsewhere
     return out, manifest
 
 

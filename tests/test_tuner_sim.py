@@ -12,7 +12,10 @@ from app.tune_sim import run_tune_sim
 def small_world_bundle(tmp_path_factory):
     from app.tune_sim import build_sim_bundle
 
-    return build_sim_bundle(tmp_path_factory.mktemp("bundles") / "tune-sim-small", items=600, users=1200, seed=3)
+    # built small: no learned recall merge (a second, recall-only build) and fewer users for the
+    # recall and pre-rank distillation; the tuner needs neither at full size
+    return build_sim_bundle(tmp_path_factory.mktemp("bundles") / "tune-sim-small", items=600, users=1200, seed=3, calibrate=False,
+                            distill_users=400, prerank_users=300)
 
 
 def test_fault_run_rolls_back_within_two_rounds(small_world_bundle, tmp_path):
