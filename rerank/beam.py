@@ -314,7 +314,7 @@ class BeamSearch:
     def _slots_numba(self, v, p, pH, H, author, category, M, B, safe):
         """The slot loop compiled (rerank/beam_kernel.py): (seq [nb, T], relax [nb, T] or None)."""
         a, c, ent_a, ent_c, lwa, lwc = self._field_codes(author, category, M)
-        seq, relax, relaxed = beam_slots(v, p, np.ascontiguousarray(pH), H, a, c, self.keep_feasible, self.keep_unused, self.flags,
+        seq, relax, relaxed = beam_slots(v, p, pH, H, a, c, self.keep_feasible, self.keep_unused, self.flags,
                                          self.allowed, self.big, ent_a, ent_c, self._lw, lwa, lwc, B, safe, self.hard)
         return seq, (relax if relaxed else None)
 

@@ -33,31 +33,12 @@ def _hop(indptr, indices, node, rng):
 
 
 @njit(cache=True, nogil=True)
-def _item_runs(keys, n_items):
-    """Sorted walker keys (slot · n_items + item) → (items, √visits per (seed, item) run)."""
-    n_runs = 0
-    for q in range(len(keys)):
-        if q == 0 or keys[q] != keys[q - 1]:
-            n_runs += 1
-    items = np.empty(n_runs, np.int64)
-    weight = np.empty(n_runs)
-    r = -1
-    for q in range(len(keys)):
-        if q == 0 or keys[q] != keys[q - 1]:
-            r += 1
-            items[r] = keys[q] % n_items
-            weight[r] = 0.0
-        weight[r] += 1.0
-    return items, np.sqrt(weight)
-
-
-@njit(cache=True, nogil=True)
 def pixie_walks(iu_indptr, iu_indices, ui_indptr, ui_indices, seeds, share, steps, restart, stop_items, stop_visits, rng):
     """Walks with restart: item → random user → random item,
     back to the walker's seed with probability `restart` (or when stuck). Returns the visited
     items (ascending) and their multi-hit boosted scores (Σ_seeds √visits)². The early stop
     (stop_items > 0) is checked after each hop but the last, once enough visits exist."""
-    n_items = len(iu_indptr) - 1
+    n_seeds = len(seeds)
     n_walkers = 0
     for s in range(len(share)):
         n_walkers += share[s]
@@ -87,11 +68,11 @@ def pixie_walks(iu_indptr, iu_indices, ui_indptr, ui_indices, seeds, share, step
         for w in range(n_walkers):
             back = rng.random() < restart
             if ok[w]:
-                keys[n] = slot[w] * n_items + user[w]
+                keys[n] = user[w] * n_seeds + slot[w]  # by item, then seed
                 n += 1
             pos[w] = seeds[slot[w]] if back or not ok[w] else user[w]
         if stop_items > 0 and hop >= 1 and n >= need and hop < steps - 1:
-            seen = np.sort(keys[:n] % n_items)
+            seen = np.sort(keys[:n] // n_seeds)
             hits = 0
             run = 0
             for q in range(n):
@@ -100,18 +81,24 @@ def pixie_walks(iu_indptr, iu_indices, ui_indptr, ui_indices, seeds, share, step
                     hits += 1
             if hits >= stop_items:
                 break
-    items, weight = _item_runs(np.sort(keys[:n]), n_items)
-    order = np.argsort(items, kind="mergesort")
-    out_items = np.empty(len(items), np.int64)
-    out_score = np.empty(len(items))
+    # one pass over the sorted keys: a run of equal keys is one (item, seed) visit count, and
+    # an item's runs are adjacent, seeds ascending
+    keys = np.sort(keys[:n])
+    out_items = np.empty(n, np.int64)
+    out_score = np.empty(n)
     m = -1
-    for q in range(len(order)):
-        it = items[order[q]]
+    visits = 0
+    for q in range(n):
+        visits += 1
+        if q + 1 < n and keys[q + 1] == keys[q]:
+            continue
+        it = keys[q] // n_seeds
         if m < 0 or out_items[m] != it:
             m += 1
             out_items[m] = it
             out_score[m] = 0.0
-        out_score[m] += weight[order[q]]
+        out_score[m] += np.sqrt(float(visits))
+        visits = 0
     return out_items[: m + 1], out_score[: m + 1] ** 2
 
 
@@ -153,7 +140,7 @@ class GraphRecall:
         share = self.walker_counts(seeds)
         if share.sum() == 0:
             return Candidates.empty()
-        uniq, boosted = pixie_walks(self.iu_indptr, self.iu_indices, self.ui_indptr, self.ui_indices, seeds.astype(np.int64), share,
+        uniq, boosted = pixie_walks(self.iu_indptr, self.iu_indices, self.ui_indptr, self.ui_indices, np.asarray(seeds, np.int64), share,
                                     self.steps, float(self.restart), int(self.stop_items), int(self.stop_visits), rng)
         if len(uniq) == 0:
             return Candidates.empty()
