@@ -22,6 +22,7 @@ from core.bundle import Bundle, BundleError
 from core.settings import Settings
 from core.spool import Spool
 from core.store import Store
+from core.threads import name_native_thread
 from fusion.formula import FusionBounds
 from fusion.service import FusionService
 from fusion.tuner import TunerConfig
@@ -61,10 +62,11 @@ class AppState:
         self.metrics.spool_events.set(self.spool.pending)
         if self.compute is None:
             # OpenMP's thread count is per calling thread: set faiss's in the compute thread itself.
-            self.compute = ThreadPoolExecutor(1, thread_name_prefix="funnel-compute", initializer=_set_faiss_threads,
+            self.compute = ThreadPoolExecutor(1, thread_name_prefix="funnel-compute", initializer=_init_compute_thread,
                                               initargs=(self.settings.compute_threads,))
         if self.feedback_io is None and self.settings.feedback_threads > 0:
-            self.feedback_io = ThreadPoolExecutor(self.settings.feedback_threads, thread_name_prefix="funnel-feedback")
+            self.feedback_io = ThreadPoolExecutor(self.settings.feedback_threads, thread_name_prefix="funnel-feedback",
+                                                  initializer=name_native_thread, initargs=("funnel-feedback",))
         if self.fusion is None:
             s = self.settings
             self.fusion = FusionService(
@@ -180,6 +182,7 @@ class AppState:
     def _consume_loop(self) -> None:
         """Apply the Redis feedback stream to the tuner's tally (consumer group; see
         core/redis_store.py). Blocks at most 200 ms per read so shutdown is prompt."""
+        name_native_thread("funnel-consumer")
         name = f"{self.fusion.owner}-{uuid.uuid4().hex[:6]}"
         failing = False
         while not self._stop.is_set():
@@ -228,3 +231,8 @@ def _set_faiss_threads(n: int) -> None:
     import faiss
 
     faiss.omp_set_num_threads(n)
+
+
+def _init_compute_thread(n: int) -> None:
+    name_native_thread("funnel-compute")  # what top -H, perf and the load test's thread report show
+    _set_faiss_threads(n)

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from core.threads import name_native_thread
+
 try:
     import fcntl
 except ImportError:  # not POSIX: writers fall back to SQLite's busy handler alone
@@ -313,6 +315,7 @@ class SQLiteStore:
             fcntl.flock(f, fcntl.LOCK_UN)
 
     def _checkpoint_loop(self, interval_s: float) -> None:
+        name_native_thread("funnel-ckpt")
         conns = [sqlite3.connect(str(p), check_same_thread=False, isolation_level=None, timeout=30.0) for p in (self.path, self.served_path)]
         last_purge = 0.0
         try:

@@ -8,6 +8,8 @@ summary.json:
      "rps", "recommend_rps", "error_rate", "errors", "server_memory_mb": {"rss", "pss", "uss",
      "processes", "per_process"}, "loadavg_before", "loadavg_after", "locust_cpu_s", "server_cpu_s",
      "server_cpu_ms_per_feed", "locust_cpu_ms_per_feed" (CPU seconds over answered recommend calls),
+     "server_thread_cpu_ms_per_feed" (the server's by thread role: funnel-compute, main = event
+     loops, funnel-feedback, funnel-ckpt, supervisor, ...),
      "steps": [...] (step mode), "max_rps_p99_ok" (step mode)}
 
 Step mode (`--step-users 20,40,80,...`): the server stays up; one locust run per user
@@ -86,6 +88,37 @@ def _cpu_seconds(pids: list[int]) -> float:
         except (OSError, IndexError, ValueError):
             pass
     return total
+
+
+def thread_cpu_seconds(root: int, pids: list[int]) -> dict[int, tuple[str, float]]:
+    """{tid: (role, CPU seconds)} for every thread of `pids`. The role is the thread's OS name
+    (the server names its compute, feedback and checkpoint threads: core/threads.py), "main"
+    for a process's first thread (a worker's event loop), "supervisor" for `root`'s."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            role = "supervisor" if tid == root else "main" if tid == pid else comm
+            out[tid] = (role, (int(f[11]) + int(f[12])) / tick)
+    return out
+
+
+def thread_cpu_by_role(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds per role between two `thread_cpu_seconds` snapshots (a thread born in between
+    counts from zero; one that ended in between is lost)."""
+    by: dict[str, float] = {}
+    for tid, (role, sec) in after.items():
+        by[role] = by.get(role, 0.0) + sec - before.get(tid, (role, 0.0))[1]
+    return by
 
 
 def wait_ready(port: int, timeout: float, proc: subprocess.Popen) -> None:
@@ -193,11 +226,13 @@ def _failures(csv_prefix: Path, limit: int = 10) -> list[dict]:
 def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path, prefix: str, bundle: Path, lt_env: dict, server_pid: int) -> dict:
     server_pids = [server_pid, *_children(server_pid)]
     cpu0 = _cpu_seconds(server_pids)
+    threads0 = thread_cpu_seconds(server_pid, server_pids)
     load0 = os.getloadavg()
     t0 = time.time()
     code, locust_cpu = run_locust(port, users, spawn_rate, duration, out / prefix, bundle, lt_env)
     wall = time.time() - t0
     server_cpu = _cpu_seconds(server_pids) - cpu0
+    by_role = thread_cpu_by_role(threads0, thread_cpu_seconds(server_pid, server_pids))
     # Locust's run time (-t) counts from the first spawn; rps over the configured duration.
     eps = read_stats(out / prefix, duration)
     rec, agg = eps.get("recommend", {}), eps.get("aggregated", {})
@@ -217,6 +252,9 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
         # so runs on different days or code compare by it
         "server_cpu_ms_per_feed": round(server_cpu * 1e3 / feeds, 3) if feeds else None,
         "locust_cpu_ms_per_feed": round(locust_cpu * 1e3 / feeds, 3) if feeds else None,
+        # the same split by server thread role: where the cores go under this load
+        "server_thread_cpu_ms_per_feed": {k: round(v * 1e3 / feeds, 3) for k, v in sorted(by_role.items(), key=lambda kv: -kv[1]) if v > 0}
+        if feeds else None,
         "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
 
