@@ -78,23 +78,24 @@ def tree_memory_mb(root: int) -> dict:
     return {**tot, "processes": len(per), "per_process": per}
 
 
+def _stat_cpu_seconds(stat: Path) -> float | None:
+    """User + system CPU seconds from a /proc `stat` file (a process's or one thread's); None
+    when it is gone or unreadable."""
+    try:
+        f = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _cpu_seconds(pids: list[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(f[11]) + int(f[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return sum(c for pid in pids if (c := _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))) is not None)
 
 
 def thread_cpu_seconds(root: int, pids: list[int]) -> dict[int, tuple[str, float]]:
     """{tid: (role, CPU seconds)} for every thread of `pids`. The role is the thread's OS name
     (the server names its compute, feedback and checkpoint threads: core/threads.py), "main"
     for a process's first thread (a worker's event loop), "supervisor" for `root`'s."""
-    tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for pid in pids:
         try:
@@ -102,13 +103,14 @@ def thread_cpu_seconds(root: int, pids: list[int]) -> dict[int, tuple[str, float
         except OSError:
             continue
         for tid in tids:
+            task = Path(f"/proc/{pid}/task/{tid}")
             try:
-                comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-                f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
+                comm = (task / "comm").read_text().strip()
+            except OSError:
                 continue
-            role = "supervisor" if tid == root else "main" if tid == pid else comm
-            out[tid] = (role, (int(f[11]) + int(f[12])) / tick)
+            sec = _stat_cpu_seconds(task / "stat")
+            if sec is not None:
+                out[tid] = ("supervisor" if tid == root else "main" if tid == pid else comm, sec)
     return out
 
 

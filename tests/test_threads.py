@@ -58,12 +58,20 @@ def test_cpu_is_split_by_thread_role_and_a_busy_named_thread_gets_its_share():
     assert by_role["funnel-burn"] > by_role["main"]
 
 
-def test_a_served_worker_names_its_compute_and_feedback_threads(client):
+def _own_comm() -> str:
+    return _comm(threading.get_native_id())
+
+
+def test_a_served_worker_names_its_compute_feedback_and_checkpoint_threads(client):
     r = client.post("/v1/recommend", json={"user_id": "1", "count": 5})
     assert r.status_code == 200
     items = [it["item_id"] for it in r.json()["items"]]
     fb = client.post("/v1/feedback", json={"request_id": r.json()["request_id"], "user_id": "1",
                                            "events": [{"item_id": items[0], "type": "click"}]})
     assert fb.status_code == 202
-    names = {_comm(int(tid)) for tid in os.listdir("/proc/self/task") if Path(f"/proc/self/task/{tid}").exists()}
-    assert {"funnel-compute", "funnel-feedback", "funnel-ckpt"} <= names
+    # asked of this app's own threads (other tests' apps may have left named threads behind)
+    state = client.app.state.funnel
+    assert state.compute.submit(_own_comm).result() == "funnel-compute"
+    assert state.feedback_io.submit(_own_comm).result() == "funnel-feedback"
+    checkpointer = state.store.inner._checkpointer
+    assert _comm(checkpointer.native_id) == "funnel-ckpt"
