@@ -47,6 +47,7 @@ def load_world(bundle: str | os.PathLike | None):
                 from sim.synthetic import SyntheticWorld, WorldConfig
 
                 world = SyntheticWorld(WorldConfig(**src["world"]))
+                world.respond(0, np.zeros(1, np.int64), np.random.default_rng(0))  # compiles (or loads) the kernel before any user runs
                 n_users = world.n_users  # bundle ids are "u<k>" / "i<k>" in world order
             else:
                 with np.load(Path(bundle) / "users.npz", allow_pickle=False) as z:
@@ -66,17 +67,17 @@ def feedback_events(world, user: int | None, item_ids: list[str], rng: np.random
         ev += [{"item_id": i, "type": "click"} for i in item_ids[:n] if rng.random() < 0.1]
         return ev
     items = np.array([int(i[1:]) for i in item_ids], np.int64)
-    out = world.respond_batch(np.array([user], np.int64), items[None, :], rng)
+    out = {k: v.tolist() for k, v in world.respond(user, items, rng).items()}  # one session, compiled
     ev = []
     for t, iid in enumerate(item_ids):
-        if not out["viewed"][0, t]:
+        if not out["viewed"][t]:
             break
         ev.append({"item_id": iid, "type": "impression"})
-        if out["click"][0, t]:
+        if out["click"][t]:
             ev.append({"item_id": iid, "type": "click"})
-            ev.append({"item_id": iid, "type": "dwell", "value": round(float(out["dwell"][0, t]), 3)})
+            ev.append({"item_id": iid, "type": "dwell", "value": round(out["dwell"][t], 3)})
         for k in ("like", "share", "follow", "dislike"):
-            if out[k][0, t]:
+            if out[k][t]:
                 ev.append({"item_id": iid, "type": k})
     return ev
 

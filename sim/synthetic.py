@@ -57,6 +57,7 @@ from scipy.special import ndtr
 
 from core.schema import FieldSpec, Schema, TaskSpec
 from sim.dataset import Dataset, sort_events, temporal_split
+from sim.session_kernel import respond_session
 
 # ----------------------------------------------------------------------------- constants
 
@@ -119,6 +120,11 @@ CONT_CLICK = 0.3
 CONT_LONG = 0.5
 CONT_DISLIKE = -2.0
 SESSION_STEP_S = 2.0  # seconds spent on each viewed position on top of the dwell
+# sim/session_kernel.respond_session's constants, in its order
+_SESSION_CONSTANTS = np.array([
+    CLICK_BASE, POS_BIAS, FOLLOW_BOOST, *FAT_CLICK, DWELL_MU0, DWELL_AFF, DWELL_Q, DWELL_SIGMA, LONG_VIEW_S, *LIKE, *SHARE, *FOLLOW,
+    *DISLIKE, *FAT_DISLIKE, CONT_BASE, CONT_AFF, CONT_ACTIVITY, *FAT_CONT, CONT_CLICK, CONT_LONG, CONT_DISLIKE,
+], np.float64)
 
 # logging policy sources and their shares
 SRC_PREF, SRC_POPULAR, SRC_FOLLOW, SRC_UNIFORM = 0, 1, 2, 3
@@ -489,9 +495,29 @@ class SyntheticWorld:
     def respond(self, user: int, items: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Sample one session's outcomes for the ordered list; arrays [n]. 'viewed' is True up
         to and including the first position whose continue failed; every event is False where
-        not viewed; long_view/like/share/follow only where clicked; 'dwell' is 0 unless clicked."""
-        out = self.respond_batch(np.array([user], np.int64), np.asarray(items, np.int64)[None, :], rng)
-        return {k: v[0] for k, v in out.items()}
+        not viewed; long_view/like/share/follow only where clicked; 'dwell' is 0 unless clicked.
+        Draws the same numbers as `respond_batch` for one user and returns the same session,
+        compiled (sim/session_kernel.py): the load test's users call this once a feed."""
+        users, batch = self._check(np.array([user], np.int64), np.asarray(items, np.int64)[None, :])
+        it = batch[0]
+        n = len(it)
+        aff = np.einsum("bd,bnd->bn", self.user_latent[users], self.item_latent[batch]).astype(np.float64)[0] * AFF_SCALE
+        authors = self.item_author[it]
+        followed = self.is_following(users, authors)
+        # the draws in respond_batch's order: click uniforms, dwell normals, then like, share,
+        # follow, dislike and continue uniforms (consecutive draws of one generator concatenate)
+        u_click = rng.random(n)
+        z_dwell = rng.standard_normal(n)
+        u_rest = rng.random(5 * n)
+        flags, cont, dwell = respond_session(
+            aff, self.item_quality[it].astype(np.float64), authors, self.item_category[it], followed,
+            float(self.user_bias[users[0]]), float(self.user_fields[users[0], 3]), FATIGUE_WINDOW if self.config.fatigue else 0,
+            u_click, z_dwell, u_rest, _SESSION_CONSTANTS,
+        )
+        out = dict(zip(("viewed", "click", "long_view", "like", "share", "follow", "dislike"), flags))
+        out["continue"] = cont
+        out["dwell"] = dwell
+        return out
 
     def session_reward_batch(self, users, items, weights: dict[str, float] | None = None) -> np.ndarray:
         """float64 [B]: sum_t reach[t] * sum_k weights[k] * expected[k][t]."""

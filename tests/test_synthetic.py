@@ -196,6 +196,37 @@ def test_respond_invariants(world):
     assert one["viewed"].shape == (20,) and one["dwell"].dtype == np.float64
 
 
+@pytest.mark.parametrize("fatigue", [True, False])
+def test_respond_one_session_is_respond_batch(world, world_nofat, fatigue):
+    """The compiled single-session path (sim/session_kernel.py) draws the same numbers and
+    returns the same session as respond_batch, fatigue (repeated authors) and edge lengths included."""
+    w = world if fatigue else world_nofat
+    rng = np.random.default_rng(11)
+    clicks = 0
+    for k in range(600):
+        n = int(rng.integers(0, 25)) if k % 10 else int(k % 20 == 0)  # empty and one-item lists too
+        items = rng.integers(0, N_ITEMS, n)
+        if n > 4:
+            items[3] = items[1]  # same author and category two positions apart
+        user = int(rng.integers(N_USERS))
+        seed = int(rng.integers(1 << 30))
+        gen = np.random.default_rng(seed)
+        one = w.respond(user, items, gen)
+        after = gen.random()  # the generator advanced by exactly as much as respond_batch's
+        ref_gen = np.random.default_rng(seed)
+        ref = {key: v[0] for key, v in w.respond_batch(np.array([user]), items[None, :], ref_gen).items()}
+        assert one.keys() == ref.keys()
+        for key in ref:
+            assert one[key].shape == (n,) and one[key].dtype == ref[key].dtype
+            if key == "dwell":
+                np.testing.assert_allclose(one[key], ref[key], rtol=1e-12, atol=0)
+            else:
+                np.testing.assert_array_equal(one[key], ref[key], err_msg=key)
+        assert after == ref_gen.random()
+        clicks += int(one["click"].sum())
+    assert clicks > 20  # the comparison saw sessions with clicks, not only empty ones
+
+
 def test_respond_matches_expected(world):
     rng = np.random.default_rng(4)
     n_lists, n_rep, n = 4, 20000, 12
