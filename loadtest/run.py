@@ -2,12 +2,15 @@
 a bounded time against it, write locust's CSV stats and `summary.json`.
 
 summary.json:
-    {"workers", "users", "items", "bundle", "duration_s", "think_s", "feedback_share",
+    {"workers", "users", "items", "bundle", "duration_s", "load_s" (how long locust sent load:
+     from its test start to its stop), "think_s", "feedback_share",
      "endpoints": {"recommend": {"requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms",
                                  "mean_ms", "max_ms"}, "feedback": {...}},
      "rps", "recommend_rps", "error_rate", "errors", "server_memory_mb": {"rss", "pss", "uss",
      "processes", "per_process"}, "loadavg_before", "loadavg_after", "locust_cpu_s", "server_cpu_s",
-     "server_cpu_ms_per_feed", "locust_cpu_ms_per_feed" (CPU seconds over answered recommend calls),
+     "server_cpu_ms_per_feed", "locust_cpu_ms_per_feed" (CPU seconds over answered recommend calls;
+     locust's counts from its test start: "locust_startup_cpu_s", its imports and the world it
+     builds, is left out),
      "server_thread_cpu_ms_per_feed" (the server's by thread role: funnel-compute, main = event
      loops, funnel-feedback, funnel-ckpt, supervisor, ...),
      "steps": [...] (step mode), "max_rps_p99_ok" (step mode)}
@@ -179,10 +182,15 @@ def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         proc.wait(5)
 
 
-def run_locust(port: int, users: int, spawn_rate: float, duration: float, csv_prefix: Path, bundle: Path, env_extra: dict) -> tuple[int, float]:
-    """One headless locust run (one process, FastHttpUser); returns (exit code, its CPU seconds)."""
+def run_locust(port: int, users: int, spawn_rate: float, duration: float, csv_prefix: Path, bundle: Path, env_extra: dict) -> tuple[int, float, dict]:
+    """One headless locust run (one process, FastHttpUser); returns (exit code, its CPU seconds,
+    the locustfile's marks: {"start": {"wall", "cpu"}, "stop": {...}} when it began and ended
+    sending load; before "start" it imported and, for a synthetic bundle, built the world, ~10 s
+    of CPU that is no load on the server's cores)."""
     env = dict(os.environ)
-    env.update({"FUNNEL_LT_BUNDLE": str(bundle), **{k: str(v) for k, v in env_extra.items()}})
+    run_file = Path(str(csv_prefix) + "_locust_run.json")
+    run_file.unlink(missing_ok=True)
+    env.update({"FUNNEL_LT_BUNDLE": str(bundle), "FUNNEL_LT_RUN_FILE": str(run_file), **{k: str(v) for k, v in env_extra.items()}})
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(spawn_rate),
         "-t", f"{int(round(duration))}s", "--host", f"http://{HOST}:{port}", "--csv", str(csv_prefix),
@@ -193,7 +201,11 @@ def run_locust(port: int, users: int, spawn_rate: float, duration: float, csv_pr
     with open(str(csv_prefix) + "_locust.log", "wb") as log:
         proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=duration + 180)
     t1 = os.times()
-    return proc.returncode, (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
+    try:
+        marks = json.loads(run_file.read_text())
+    except (OSError, ValueError):  # locust failed before its test started
+        marks = {}
+    return proc.returncode, (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system), marks
 
 
 def read_stats(csv_prefix: Path, duration: float) -> dict:
@@ -231,7 +243,12 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
     threads0 = thread_cpu_seconds(server_pid, server_pids)
     load0 = os.getloadavg()
     t0 = time.time()
-    code, locust_cpu = run_locust(port, users, spawn_rate, duration, out / prefix, bundle, lt_env)
+    code, locust_cpu_all, marks = run_locust(port, users, spawn_rate, duration, out / prefix, bundle, lt_env)
+    start, stop = marks.get("start"), marks.get("stop")
+    locust_startup = min(locust_cpu_all, start["cpu"]) if start else 0.0
+    locust_cpu = locust_cpu_all - locust_startup  # while it sent load (and shut down)
+    # how long load was sent: the run time asked for, unless something cut it short
+    load_s = round(stop["wall"] - start["wall"], 1) if start and stop else None
     wall = time.time() - t0
     server_cpu = _cpu_seconds(server_pids) - cpu0
     by_role = thread_cpu_by_role(threads0, thread_cpu_seconds(server_pid, server_pids))
@@ -244,12 +261,12 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
     shed = sum(v["requests"] for k, v in eps.items() if k.endswith(" shed"))
     feeds = rec.get("requests", 0)  # answered recommend calls
     return {
-        "users": users, "duration_s": duration, "wall_s": round(wall, 1), "locust_exit": code,
+        "users": users, "duration_s": duration, "load_s": load_s, "wall_s": round(wall, 1), "locust_exit": code,
         "endpoints": {k: v for k, v in eps.items() if k != "aggregated"},
         "rps": agg.get("rps"), "recommend_rps": rec.get("rps"), "recommend_p99_ms": rec.get("p99_ms"),
         "errors": errors, "error_rate": round(errors / total, 6) if total else None,
         "shed_503_retry_after": shed, "errors_not_shed": errors - shed, "failures": _failures(out / prefix),
-        "locust_cpu_s": round(locust_cpu, 1), "server_cpu_s": round(server_cpu, 1),
+        "locust_cpu_s": round(locust_cpu, 1), "locust_startup_cpu_s": round(locust_startup, 1), "server_cpu_s": round(server_cpu, 1),
         # CPU per answered feed (its feedback included): steadier than p99 on a shared machine,
         # so runs on different days or code compare by it
         "server_cpu_ms_per_feed": round(server_cpu * 1e3 / feeds, 3) if feeds else None,
