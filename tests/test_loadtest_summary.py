@@ -1,6 +1,11 @@
 """`funnel loadtest`'s per-run summary (loadtest/run.py one_run), with locust and the server's
 CPU counters replaced: the figures it derives from what they report."""
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from loadtest import run
 
@@ -37,3 +42,42 @@ def test_one_run_without_answered_feeds_reports_no_cpu_per_feed(tmp_path, monkey
     r = run.one_run(0, 10, 50.0, 5.0, tmp_path, "locust", tmp_path, {}, server_pid=1)
     assert r["server_cpu_ms_per_feed"] is None and r["locust_cpu_ms_per_feed"] is None and r["error_rate"] is None
     assert r["load_s"] is None and r["locust_startup_cpu_s"] == 0.0  # locust never started its test
+
+
+_LOCUSTFILE_CHECK = r"""
+import json, os, time
+import gevent
+import loadtest.locustfile as lf
+
+gevent.sleep(0.01)  # the loop has run, as locust's has when its init event fires
+
+
+def slow_build(bundle):  # building the world blocks gevent's loop (time.sleep is gevent's here: it would not)
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.6:
+        pass
+
+
+lf.load_world = slow_build
+lf._on_init(None)
+lag = time.time() - gevent.get_hub().loop.now()
+lf._on_test_start(None)
+lf._on_test_stop(None)
+print(json.dumps({"lag": lag, "marks": json.loads(open(os.environ["FUNNEL_LT_RUN_FILE"]).read())}))
+"""
+
+
+def test_locustfile_init_keeps_run_time_and_marks_the_load(tmp_path):
+    """In locust's process (gevent patches it, hence a subprocess): after the world is built the
+    loop's clock is current, so locust's -t timer counts from there and not from before the build
+    (a '60 s' run sent ~45 s of load); the test's start and stop are marked for `funnel loadtest`."""
+    run_file = tmp_path / "run.json"
+    env = {**os.environ, "FUNNEL_LT_RUN_FILE": str(run_file)}
+    out = subprocess.run([sys.executable, "-c", _LOCUSTFILE_CHECK], env=env, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["lag"] < 0.3  # without the refresh: the 0.6 s of the build
+    marks = got["marks"]
+    assert set(marks) == {"start", "stop"} and marks["start"]["wall"] <= marks["stop"]["wall"]
+    assert marks["start"]["cpu"] > 0
