@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 from fastapi import APIRouter, Request
 
 from app.deps import PipelineDep, StateDep, get_pipeline, get_state
+from app.ids import new_request_id
 from app.pipeline import Pipeline
 from app.responses import ORJSONResponse
 from app.resilience import StoreUnavailable
@@ -101,7 +101,7 @@ async def recommend(req: RecommendRequest, state: StateDep, pipeline: PipelineDe
     t0 = time.perf_counter()
     # The request budget counts from here (arrival); the pipeline skips optional stages as it runs out.
     deadline = t0 + state.settings.request_budget_ms / 1e3
-    request_id = uuid.uuid4().hex
+    request_id = new_request_id()  # not uuid4: see app/ids.py
     # `pipeline` was resolved once for this request: a bundle swap meanwhile does not affect it.
     ctx, cands, trace, items = await asyncio.get_running_loop().run_in_executor(state.compute, _serve, state, pipeline, req, request_id, deadline)
     if ctx.degraded:
