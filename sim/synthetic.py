@@ -9,7 +9,9 @@ Two roles:
    the reranker simulation and load tests.
 
 Everything is numpy and vectorised over items, users, sessions and impressions; the only
-Python loops run over a handful of positions/lags, logging sources or user chunks.
+Python loops run over a handful of positions/lags, logging sources or user chunks. One
+exception: `respond` (a single session, what load-test users call once a feed) is one compiled
+pass over the positions (sim/session_kernel.py), held by a test to `respond_batch`'s draws.
 
 World model (all hidden state is public so tests and simulations can inspect it):
 - Categories have unit-norm centroids in a d-dim latent space and Zipf-like sizes.
