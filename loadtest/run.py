@@ -252,7 +252,7 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
     wall = time.time() - t0
     server_cpu = _cpu_seconds(server_pids) - cpu0
     by_role = thread_cpu_by_role(threads0, thread_cpu_seconds(server_pid, server_pids))
-    # Locust's run time (-t) counts from the first spawn; rps over the configured duration.
+    # rps as locust computes it, over the time it sent load (load_s)
     eps = read_stats(out / prefix, duration)
     rec, agg = eps.get("recommend", {}), eps.get("aggregated", {})
     total = agg.get("requests", 0)
