@@ -13,7 +13,8 @@ summary.json:
      builds, is left out),
      "server_thread_cpu_ms_per_feed" (the server's by thread role: funnel-compute, main = event
      loops, funnel-feedback, funnel-ckpt, supervisor, ...),
-     "steps": [...] (step mode), "max_rps_p99_ok" (step mode)}
+     "steps": [...] (step mode), "max_rps_p99_ok" (step mode),
+     "host_wakeup_us": {"p50", "p90", "p99", "gap_ms", "n"} (see `host_wakeup_us`)}
 
 Step mode (`--step-users 20,40,80,...`): the server stays up; one locust run per user
 count, each `--duration` seconds; stops at the first step whose recommend p99 exceeds
@@ -54,6 +55,39 @@ def _children(pid: int) -> list[int]:
         return []
     kids = [int(x) for x in out]
     return kids + [g for k in kids for g in _children(k)]
+
+
+# The echo child of `host_wakeup_us`: one byte in, the same byte out, until stdin closes.
+_ECHO = "import os\nwhile True:\n    b = os.read(0, 1)\n    if not b:\n        break\n    os.write(1, b)\n"
+
+
+def host_wakeup_us(samples: int = 400, gap_s: float = 0.001) -> dict:
+    """Round trips of one byte to a child process over pipes, each after `gap_s` of idleness:
+    what it costs this host to wake a sleeping process. On a VM whose idle vCPUs halt (no polling
+    cpuidle driver: the Firecracker guest these targets are measured on) a wake-up can wait
+    milliseconds for the host to run the vCPU again, and a request's path has several (client →
+    event loop → compute thread → event loop → client): it sets the latency tail at light load.
+    Recorded with every load test so runs on different days compare."""
+    import numpy as np
+
+    child = subprocess.Popen([sys.executable, "-c", _ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    rtt = []
+    try:
+        w, r = child.stdin.fileno(), child.stdout.fileno()
+        for i in range(samples + 20):  # the first 20: the child starting up
+            time.sleep(gap_s)
+            t = time.perf_counter()
+            os.write(w, b"x")
+            if os.read(r, 1) != b"x":
+                raise RuntimeError("wake-up probe: the echo child answered wrong")
+            if i >= 20:
+                rtt.append((time.perf_counter() - t) * 1e6)
+    finally:
+        child.stdin.close()
+        child.wait(5)
+        child.stdout.close()
+    p50, p90, p99 = np.percentile(rtt, [50, 90, 99])
+    return {"p50": round(float(p50), 1), "p90": round(float(p90), 1), "p99": round(float(p99), 1), "gap_ms": gap_s * 1e3, "n": len(rtt)}
 
 
 def process_memory_mb(pid: int | str = "self") -> dict:
@@ -297,12 +331,14 @@ def run_loadtest(
         redis_proc = subprocess.Popen(["redis-server", "--bind", HOST, "--port", str(rport), "--save", "", "--appendonly", "no",
                                        "--dir", str(state_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         env_extra["FUNNEL_REDIS_URL"] = f"redis://{HOST}:{rport}/0"
+    wakeup = host_wakeup_us()  # before the server starts: the idle host's wake-up cost
+    show(f"host wake-up round trip (1 ms idle gaps): p50 {wakeup['p50']} us, p99 {wakeup['p99']} us")
     t0 = time.time()
     proc = start_server(bundle, workers, port, state_dir, env_extra, out / "server.log")
     summary: dict = {
         "bundle": str(bundle), "items": _bundle_items(bundle) or _items_from_npz(bundle), "workers": workers,
         "think_s": [think_min, think_max], "feedback_share": feedback, "cold_share": cold, "host": f"{HOST}:{port}",
-        "store": "redis" if redis else "sqlite", "warmup_s": warmup,
+        "store": "redis" if redis else "sqlite", "warmup_s": warmup, "host_wakeup_us": wakeup,
     }
     try:
         wait_ready(port, ready_timeout, proc)

@@ -81,3 +81,11 @@ def test_locustfile_init_keeps_run_time_and_marks_the_load(tmp_path):
     marks = got["marks"]
     assert set(marks) == {"start", "stop"} and marks["start"]["wall"] <= marks["stop"]["wall"]
     assert marks["start"]["cpu"] > 0
+
+
+def test_host_wakeup_probe_times_round_trips_to_a_child_that_exits():
+    before = set(run._children(os.getpid()))
+    w = run.host_wakeup_us(samples=50, gap_s=0.0005)
+    assert w["n"] == 50 and w["gap_ms"] == 0.5
+    assert 0 < w["p50"] <= w["p90"] <= w["p99"]
+    assert set(run._children(os.getpid())) == before  # the echo child was reaped
