@@ -83,8 +83,12 @@ def host_wakeup_us(samples: int = 400, gap_s: float = 0.001) -> dict:
             if i >= 20:
                 rtt.append((time.perf_counter() - t) * 1e6)
     finally:
-        child.stdin.close()
-        child.wait(5)
+        child.stdin.close()  # the child's read sees EOF and it exits
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
         child.stdout.close()
     p50, p90, p99 = np.percentile(rtt, [50, 90, 99])
     return {"p50": round(float(p50), 1), "p90": round(float(p90), 1), "p99": round(float(p99), 1), "gap_ms": gap_s * 1e3, "n": len(rtt)}
@@ -324,6 +328,8 @@ def run_loadtest(
     port = free_port()
     lt_env = {"FUNNEL_LT_THINK_MIN": think_min, "FUNNEL_LT_THINK_MAX": think_max, "FUNNEL_LT_FEEDBACK": feedback,
               "FUNNEL_LT_COLD": cold, "FUNNEL_LT_SEED": seed}
+    wakeup = host_wakeup_us()  # before anything starts: the idle host's wake-up cost
+    show(f"host wake-up round trip (1 ms idle gaps): p50 {wakeup['p50']} us, p99 {wakeup['p99']} us")
     env_extra = dict(server_env or {})
     redis_proc = None
     if redis:
@@ -331,8 +337,6 @@ def run_loadtest(
         redis_proc = subprocess.Popen(["redis-server", "--bind", HOST, "--port", str(rport), "--save", "", "--appendonly", "no",
                                        "--dir", str(state_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         env_extra["FUNNEL_REDIS_URL"] = f"redis://{HOST}:{rport}/0"
-    wakeup = host_wakeup_us()  # before the server starts: the idle host's wake-up cost
-    show(f"host wake-up round trip (1 ms idle gaps): p50 {wakeup['p50']} us, p99 {wakeup['p99']} us")
     t0 = time.time()
     proc = start_server(bundle, workers, port, state_dir, env_extra, out / "server.log")
     summary: dict = {
