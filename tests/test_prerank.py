@@ -203,3 +203,32 @@ def test_follow_flags_match_the_graph_row_by_row_and_per_user():
     assert 100 < want.sum() < 4900
     for u in range(-1, 103):
         np.testing.assert_array_equal(g.flags(np.array([u]), items[:60]), [direct(u, i) for i in items[:60]])
+
+
+@pytest.mark.parametrize("with_categories,with_follows", [(True, True), (True, False), (False, True), (False, False)])
+def test_serving_feed_equals_the_per_row_feed_exactly(with_categories, with_follows):
+    """The one-user feed (serving: a compiled pass over the items) holds the same fields and
+    dense features, bit for bit, as the per-row numpy assembly training uses; users with no
+    history, with authors they follow and with none, items without an author."""
+    from rank.features import FollowGraph, user_side, feed_for
+
+    rng = np.random.default_rng(3)
+    n_items, n_users = 300, 40
+    fields = np.stack([rng.integers(0, 12, n_items), rng.integers(0, 25, n_items)], axis=1).astype(np.int64)  # category, author + 1
+    pop = rng.normal(size=n_items).astype(np.float32)
+    follows = None
+    if with_follows:
+        indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 6, n_users))])
+        follows = FollowGraph(indptr, rng.integers(0, 24, indptr[-1]), fields[:, 1] - 1)
+    table = ItemTable(fields, pop, 0 if with_categories else None, follows)
+    items = rng.integers(0, n_items, 150)
+    for u in range(n_users):
+        h = rng.integers(0, n_items, rng.integers(0, 9))
+        hist = pad_history(h, 8)
+        once = feed_for(table, user_side(table, np.array([u]), np.zeros((1, 3), np.int64), hist[None, :]), items)
+        per_row = feed_for(table, user_side(table, np.full(len(items), u), np.zeros((len(items), 3), np.int64), np.tile(hist, (len(items), 1))), items)
+        for k in ("item_idx", "item_fields", "dense"):
+            assert once[k].dtype == per_row[k].dtype, k
+            np.testing.assert_array_equal(once[k], per_row[k], err_msg=k)
+        if with_categories and len(h):
+            assert once["dense"][:, 2].any()
