@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from app.pipeline import Pipeline
+from core.arrays import take_rows
 from core.bundle import Bundle
 from core.settings import Settings
 from loadtest.run import process_memory_mb
@@ -158,7 +159,7 @@ def kernel_functions(pipe: Pipeline, ctxs_inputs: dict[str, list]) -> list[tuple
             emb, keep = objs[target].item_emb, objs[target].keep
 
             def fn(items, q, emb=emb, keep=keep):
-                return items[_topk(emb[items] @ q, keep)]
+                return items[_topk(take_rows(emb, items) @ q, keep)]  # the stage's own gather (prerank/cascade.py)
 
             label = target
         else:

@@ -15,9 +15,9 @@ def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 
 def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """a[idx] for a 2-D array, rows gathered as one opaque element each: numpy's 2-D fancy
-    indexing walks every element (500 random rows of a 1M × 2 int64 table: ~54 µs vs ~18 µs)."""
-    if a.ndim != 2 or a.shape[1] == 0 or not a.flags.c_contiguous:
+    """a[idx] for a 2-D array, through np.take(axis=0), which copies whole rows: numpy's 2-D
+    fancy indexing walks every element. 500 random rows (µs, this machine): 1M × 2 int64 96 vs
+    16; 1M × 32 float32 95 vs 33; 800 rows of the 1M bundle's item embeddings 221 vs 76."""
+    if a.ndim != 2:
         return a[idx]
-    row = np.dtype((np.void, a.shape[1] * a.itemsize))
-    return a.view(row).reshape(-1)[idx].view(a.dtype).reshape(len(idx), a.shape[1])
+    return np.take(a, idx, axis=0)
