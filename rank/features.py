@@ -185,8 +185,11 @@ def _serving_item_rows(item_fields, item_pop, cat_col, hist_code, n_hist, log_hi
     fields = np.empty((n, nf), np.int64)
     dense = np.zeros((n, 4), np.float32)
     n_followed = len(followed)
+    n_items = item_fields.shape[0]
     for r in range(n):
         i = items[r]
+        if i < 0 or i >= n_items:  # compiled code does not check bounds: fail the stage (it falls back), not the worker
+            raise IndexError("item index outside the catalog")
         for f in range(nf):
             fields[r, f] = item_fields[i, f]
         dense[r, 0] = item_pop[i]

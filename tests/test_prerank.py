@@ -232,3 +232,7 @@ def test_serving_feed_equals_the_per_row_feed_exactly(with_categories, with_foll
             np.testing.assert_array_equal(once[k], per_row[k], err_msg=k)
         if with_categories and len(h):
             assert once["dense"][:, 2].any()
+    side = user_side(table, np.array([0]), np.zeros((1, 3), np.int64), pad_history(np.array([1, 2]), 8)[None, :])
+    for bad in (n_items, -1):
+        with pytest.raises(IndexError):
+            feed_for(table, side, np.array([3, bad]))
