@@ -103,6 +103,11 @@ def test_take_rows_matches_fancy_indexing():
         got = take_rows(a, idx)
         assert got.dtype == a.dtype and np.array_equal(got, a[idx])
     assert take_rows(np.arange(12).reshape(6, 2), np.zeros(0, np.int64)).shape == (0, 2)
+    # unaligned, as an array mapped from inside an .npz can be
+    raw = np.frombuffer(b"\0" + rng.integers(0, 9, (60, 3)).tobytes(), np.int64, offset=1).reshape(60, 3)
+    assert not raw.flags.aligned
+    idx = rng.integers(0, 60, 25)
+    np.testing.assert_array_equal(take_rows(raw, idx), raw[idx])
 
 
 def test_id_index_lookup_and_keys_longer_than_every_id():
