@@ -137,30 +137,28 @@ def user_side(table: ItemTable, user_idx: np.ndarray, user_fields: np.ndarray, h
 def feed_for(table: ItemTable, side: UserSide, items: np.ndarray) -> dict[str, np.ndarray]:
     """The ranker's ONNX feed for `side`'s user rows over N items (M = N, or M = 1 broadcast)."""
     items = np.asarray(items, np.int64)
+    dense = np.zeros((len(items), len(DENSE_FEATURES)), np.float32)  # category rate and follow flag stay 0 without them
     if len(side.user_idx) == 1 and (side.followed is not None or table.follows is None) and table.item_fields.dtype == np.int64:
         # Serving (one user for every item): one compiled pass over the items. The numpy lines
         # below were ~10 array calls on a few hundred rows, where numpy's per-call cost ruled
         # (0.15 of 0.25 ms of stage B's feed on the 1M bundle); held equal to them by
         # tests/test_prerank.py.
         follows = table.follows
-        fields, dense = _serving_item_rows(
+        fields = _serving_item_rows(
             table.item_fields, table.item_pop, -1 if table.category_col is None else table.category_col,
             side.hist_code[0] if side.hist_code is not None else _NO_CODES, float(side.n_hist[0]), float(side.log_hist[0]),
-            follows.item_author if follows is not None else _NO_CODES, side.followed if side.followed is not None else _NO_CODES, items,
+            follows.item_author if follows is not None else _NO_CODES, side.followed if side.followed is not None else _NO_CODES, items, dense,
         )
-        return {"user_idx": side.user_idx, "user_fields": side.user_fields, "hist": side.hist, "item_idx": items + 1,
-                "item_fields": fields, "dense": dense}
-    n = len(items)
-    fields = take_rows(table.item_fields, items)
-    dense = np.zeros((n, len(DENSE_FEATURES)), np.float32)  # category rate and follow flag stay 0 without them
-    dense[:, 0] = table.item_pop[items]
-    dense[:, 1] = side.log_hist
-    if side.hist_code is not None:
-        dense[:, 2] = (side.hist_code == fields[:, table.category_col, None]).sum(axis=1) / side.n_hist
-    if side.followed is not None:
-        dense[:, 3] = table.follows.flags_of(side.followed, items)
-    elif table.follows is not None:
-        dense[:, 3] = table.follows.flags(side.user_idx - 1, items)
+    else:
+        fields = take_rows(table.item_fields, items)
+        dense[:, 0] = table.item_pop[items]
+        dense[:, 1] = side.log_hist
+        if side.hist_code is not None:
+            dense[:, 2] = (side.hist_code == fields[:, table.category_col, None]).sum(axis=1) / side.n_hist
+        if side.followed is not None:
+            dense[:, 3] = table.follows.flags_of(side.followed, items)
+        elif table.follows is not None:
+            dense[:, 3] = table.follows.flags(side.user_idx - 1, items)
     return {
         "user_idx": side.user_idx,
         "user_fields": side.user_fields,
@@ -175,15 +173,15 @@ _NO_CODES = np.zeros(0, np.int64)
 
 
 @njit(cache=True, nogil=True)
-def _serving_item_rows(item_fields, item_pop, cat_col, hist_code, n_hist, log_hist, item_author, followed, items):
+def _serving_item_rows(item_fields, item_pop, cat_col, hist_code, n_hist, log_hist, item_author, followed, items, dense):
     """feed_for's per-item columns for one user (M = 1), as its numpy lines compute them:
-    the item's fields, then dense = [log-popularity, the user's log history length, the share
-    of the user's history in the item's category (count / n_hist in float64, stored as
-    float32), 1 if the user follows the item's author]."""
+    returns the items' fields and fills `dense` (zeroed, [N, DENSE_FEATURES]) with their
+    log-popularity, the user's log history length, the share of the user's history in the
+    item's category (count / n_hist in float64, stored as float32) and 1 where the user
+    follows the item's author."""
     n = len(items)
     nf = item_fields.shape[1]
     fields = np.empty((n, nf), np.int64)
-    dense = np.zeros((n, 4), np.float32)
     n_followed = len(followed)
     n_items = item_fields.shape[0]
     for r in range(n):
@@ -195,7 +193,7 @@ def _serving_item_rows(item_fields, item_pop, cat_col, hist_code, n_hist, log_hi
         dense[r, 0] = item_pop[i]
         dense[r, 1] = log_hist
         if cat_col >= 0:
-            code = item_fields[i, cat_col]
+            code = fields[r, cat_col]
             k = 0
             for j in range(len(hist_code)):
                 if hist_code[j] == code:
@@ -206,7 +204,7 @@ def _serving_item_rows(item_fields, item_pop, cat_col, hist_code, n_hist, log_hi
             j = np.searchsorted(followed, a)
             if j < n_followed and followed[j] == a:
                 dense[r, 3] = 1.0
-    return fields, dense
+    return fields
 
 
 def ranker_inputs(
