@@ -45,14 +45,18 @@ def test_one_run_without_answered_feeds_reports_no_cpu_per_feed(tmp_path, monkey
 
 
 _LOCUSTFILE_CHECK = r"""
-import json, os, time
+import gc, json, os, time
 import gevent
 import loadtest.locustfile as lf
 
 gevent.sleep(0.01)  # the loop has run, as locust's has when its init event fires
 
 
+built = []
+
+
 def slow_build(bundle):  # building the world blocks gevent's loop (time.sleep is gevent's here: it would not)
+    built.append([[k] for k in range(1000)])  # lists: tracked by the collector until frozen
     t = time.perf_counter()
     while time.perf_counter() - t < 0.6:
         pass
@@ -61,16 +65,19 @@ def slow_build(bundle):  # building the world blocks gevent's loop (time.sleep i
 lf.load_world = slow_build
 lf._on_init(None)
 lag = time.time() - gevent.get_hub().loop.now()
+tracked = {id(o) for o in gc.get_objects()}
+world_tracked = sum(id(o) in tracked for o in [built[0], *built[0]])
 lf._on_test_start(None)
 lf._on_test_stop(None)
-print(json.dumps({"lag": lag, "marks": json.loads(open(os.environ["FUNNEL_LT_RUN_FILE"]).read())}))
+print(json.dumps({"lag": lag, "world_tracked": world_tracked, "marks": json.loads(open(os.environ["FUNNEL_LT_RUN_FILE"]).read())}))
 """
 
 
 def test_locustfile_init_keeps_run_time_and_marks_the_load(tmp_path):
     """In locust's process (gevent patches it, hence a subprocess): after the world is built the
     loop's clock is current, so locust's -t timer counts from there and not from before the build
-    (a '60 s' run sent ~45 s of load); the test's start and stop are marked for `funnel loadtest`."""
+    (a '60 s' run sent ~45 s of load), and the world is frozen out of the collector's reach; the
+    test's start and stop are marked for `funnel loadtest`."""
     run_file = tmp_path / "run.json"
     env = {**os.environ, "FUNNEL_LT_RUN_FILE": str(run_file)}
     out = subprocess.run([sys.executable, "-c", _LOCUSTFILE_CHECK], env=env, cwd=Path(__file__).resolve().parents[1],
@@ -78,6 +85,7 @@ def test_locustfile_init_keeps_run_time_and_marks_the_load(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["lag"] < 0.3  # without the refresh: the 0.6 s of the build
+    assert got["world_tracked"] == 0  # frozen: no collection walks the world's objects
     marks = got["marks"]
     assert set(marks) == {"start", "stop"} and marks["start"]["wall"] <= marks["stop"]["wall"]
     assert marks["start"]["cpu"] > 0
