@@ -199,10 +199,7 @@ class RedisStore:
         ttl_ms = int((served.ts + self.served_ttl_s - time.time()) * 1000)
         if ttl_ms <= 0:
             return
-        body = json.dumps({"request_id": served.request_id, "user_id": served.user_id, "bucket": served.bucket,
-                           "params": served.params, "items": served.items, "ts": served.ts,
-                           "round_id": int(served.round_id), "scene": served.scene})
-        self.r.set(f"{self.p}served:{served.request_id}", body, px=ttl_ms)
+        self.r.set(f"{self.p}served:{served.request_id}", served.to_json(), px=ttl_ms)
 
     def get_served(self, request_id: str) -> ServedRequest | None:
         raw = self.r.get(f"{self.p}served:{request_id}")

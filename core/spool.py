@@ -19,7 +19,6 @@ therefore safe from several workers at once.
 """
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -40,16 +39,6 @@ CREATE INDEX IF NOT EXISTS spool_user ON feedback(user_id, ts);
 
 class SpoolFull(Exception):
     """The spool holds its maximum number of rows."""
-
-
-def _served_json(s: ServedRequest) -> str:
-    return json.dumps({"request_id": s.request_id, "user_id": s.user_id, "bucket": s.bucket, "params": s.params,
-                       "items": s.items, "ts": s.ts, "round_id": int(s.round_id), "scene": s.scene})
-
-
-def _served_from(body: str) -> ServedRequest:
-    d = json.loads(body)
-    return ServedRequest(d["request_id"], d["user_id"], d["bucket"], d["params"], d["items"], d["ts"], int(d["round_id"]), d["scene"])
 
 
 class Spool:
@@ -80,7 +69,7 @@ class Spool:
             try:
                 self._room(c, 1)
                 c.execute("INSERT OR REPLACE INTO served VALUES (?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM served))",
-                          (served.request_id, _served_json(served)))
+                          (served.request_id, served.to_json()))
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
@@ -114,7 +103,7 @@ class Spool:
     def get_served(self, request_id: str) -> ServedRequest | None:
         with self._lock:
             row = self._conn.execute("SELECT body FROM served WHERE request_id = ?", (request_id,)).fetchone()
-        return None if row is None else _served_from(row[0])
+        return None if row is None else ServedRequest.from_json(row[0])
 
     def user_events(self, user_id: str, limit: int) -> list[tuple[str, str, float]]:
         """The user's spooled events, newest first (same shape as Store.user_events)."""
@@ -148,7 +137,7 @@ class Spool:
             if not rows:
                 break
             for rid, body in rows:
-                write_served(_served_from(body))
+                write_served(ServedRequest.from_json(body))
                 with self._lock:
                     self._conn.execute("DELETE FROM served WHERE request_id = ?", (rid,))
                 n_served += 1

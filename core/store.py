@@ -64,6 +64,16 @@ class ServedRequest:
         """Past the served log's TTL: feedback for it is refused as for an unknown request."""
         return self.ts < (time.time() if now is None else now) - ttl_s
 
+    def to_json(self) -> str:
+        """The record as one JSON object (the spool's and Redis's served rows, the worker's LRU)."""
+        return json.dumps({"request_id": self.request_id, "user_id": self.user_id, "bucket": self.bucket, "params": self.params,
+                           "items": self.items, "ts": self.ts, "round_id": int(self.round_id), "scene": self.scene})
+
+    @classmethod
+    def from_json(cls, body: str | bytes) -> "ServedRequest":
+        d = json.loads(body)
+        return cls(d["request_id"], d["user_id"], d["bucket"], d["params"], d["items"], d["ts"], int(d["round_id"]), d["scene"])
+
 
 @dataclass(frozen=True)
 class FeedbackEvent:

@@ -311,8 +311,8 @@ def test_store_down_keeps_serving_spools_feedback_and_loses_nothing(ml_bundle, b
 
 def test_recent_served_gives_back_what_was_served_and_keeps_it_out_of_the_collector():
     """The worker's LRU of its own served requests returns each as served (feedback is checked
-    against it), forgets the oldest past its cap, and its rows stop being tracked by the collector
-    after their first collections: full collections do not walk 10,000 served requests."""
+    against it), forgets the oldest past its cap, and its rows are not tracked by the collector:
+    full collections do not walk 10,000 served requests."""
     recent = RecentServed(cap=3)
     served = [ServedRequest(f"r{k}", f"u{k}", "b1", {"click": [0.5, 1.0], "dislike": [0.1, -2.0]}, [f"i{k}", "i9"], 1000.0 + k,
                             round_id=k, scene="home") for k in range(4)]
@@ -324,9 +324,6 @@ def test_recent_served_gives_back_what_was_served_and_keeps_it_out_of_the_collec
         assert got == s and got is not s
         got.items.append("i7")  # a caller's copy: the record it came from stays as served
         assert recent.get(s.request_id) == s
-    # A tuple is untracked by a collection that finds everything in it untracked; its tuple of
-    # items may come later in that pass, so the row goes in the next (a gen-1 pass in a server).
-    gc.collect()
     gc.collect()
     assert not any(gc.is_tracked(row) for row in recent._d.values())
 
