@@ -205,9 +205,7 @@ class RedisStore:
         raw = self.r.get(f"{self.p}served:{request_id}")
         if raw is None:
             return None
-        d = json.loads(raw)
-        return ServedRequest(d["request_id"], d["user_id"], d["bucket"], d["params"], d["items"], d["ts"],
-                             int(d.get("round_id", -1)), d.get("scene", "home"))
+        return ServedRequest.from_json(raw)
 
     # ------------------------------------------------------------------ feedback
 

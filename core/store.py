@@ -71,8 +71,10 @@ class ServedRequest:
 
     @classmethod
     def from_json(cls, body: str | bytes) -> "ServedRequest":
+        """Records written before the tuner (no round) or scenes (no scene) take the defaults."""
         d = json.loads(body)
-        return cls(d["request_id"], d["user_id"], d["bucket"], d["params"], d["items"], d["ts"], int(d["round_id"]), d["scene"])
+        return cls(d["request_id"], d["user_id"], d["bucket"], d["params"], d["items"], d["ts"], int(d.get("round_id", -1)),
+                   d.get("scene", "home"))
 
 
 @dataclass(frozen=True)

@@ -305,3 +305,12 @@ def test_sqlite_get_doc_does_not_wait_for_a_write_in_flight(tmp_path):
         assert got[0].value == {"params": {"click": [0.01, 1.0]}}  # the committed value, not the pending one
     finally:
         st.close()
+
+
+def test_served_request_json_round_trip_and_records_from_before_rounds_and_scenes():
+    """One JSON form for a served record (spool, Redis, the worker's LRU); a record written
+    before the tuner's round or scenes existed (Redis may still hold one) reads with the defaults."""
+    s = ServedRequest("r1", "u1", "b2", {"click": [0.5, 1.0]}, ["i1", "i2"], 1000.5, round_id=3, scene="video")
+    assert ServedRequest.from_json(s.to_json()) == s
+    old = '{"request_id": "r0", "user_id": "u0", "bucket": "main", "params": {}, "items": ["i1"], "ts": 999.0}'
+    assert ServedRequest.from_json(old) == ServedRequest("r0", "u0", "main", {}, ["i1"], 999.0, round_id=-1, scene="home")
