@@ -14,7 +14,9 @@ summary.json:
      "server_thread_cpu_ms_per_feed" (the server's by thread role: funnel-compute, main = event
      loops, funnel-feedback, funnel-ckpt, supervisor, ...),
      "steps": [...] (step mode), "max_rps_p99_ok" (step mode),
-     "host_wakeup_us": {"p50", "p90", "p99", "gap_ms", "n"} (see `host_wakeup_us`)}
+     "host_wakeup_us": {"p50", "p90", "p99", "gap_ms", "n"} (see `host_wakeup_us`),
+     "host_cpu_pct": {"busy", "iowait", "idle", "steal", "window_s"} (the whole host's CPU time while
+     locust sent load, in % of all its CPUs; see `HostCpuSampler`)}
 
 Step mode (`--step-users 20,40,80,...`): the server stays up; one locust run per user
 count, each `--duration` seconds; stops at the first step whose recommend p99 exceeds
@@ -34,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -281,7 +284,8 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
     threads0 = thread_cpu_seconds(server_pid, server_pids)
     load0 = os.getloadavg()
     t0 = time.time()
-    code, locust_cpu_all, marks = run_locust(port, users, spawn_rate, duration, out / prefix, bundle, lt_env)
+    with HostCpuSampler() as host:
+        code, locust_cpu_all, marks = run_locust(port, users, spawn_rate, duration, out / prefix, bundle, lt_env)
     start, stop = marks.get("start"), marks.get("stop")
     locust_startup = min(locust_cpu_all, start["cpu"]) if start else 0.0
     locust_cpu = locust_cpu_all - locust_startup  # while it sent load (and shut down)
@@ -313,7 +317,89 @@ def one_run(port: int, users: int, spawn_rate: float, duration: float, out: Path
         "server_thread_cpu_ms_per_feed": {k: round(v * 1e3 / feeds, 3) for k, v in sorted(by_role.items(), key=lambda kv: -kv[1]) if v > 0}
         if feeds else None,
         "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        # the host's CPU while load was sent (the whole run if locust never marked it)
+        "host_cpu_pct": host.window(start["wall"], stop["wall"]) if start and stop else host.window(),
     }
+
+
+_HOST_CPU_FIELDS = 8  # user nice system idle iowait irq softirq steal
+
+
+def read_host_cpu(path: str = "/proc/stat") -> tuple[int, ...] | None:
+    """The host's CPU time counters summed over its CPUs (clock ticks: user, nice, system, idle,
+    iowait, irq, softirq, steal) from the first line of /proc/stat; None where there is none."""
+    try:
+        with open(path) as f:
+            parts = f.readline().split()
+    except OSError:
+        return None
+    if not parts or parts[0] != "cpu":
+        return None
+    vals = [int(x) for x in parts[1:1 + _HOST_CPU_FIELDS]]
+    return tuple(vals + [0] * (_HOST_CPU_FIELDS - len(vals)))
+
+
+def host_cpu_shares(before: tuple[int, ...], after: tuple[int, ...]) -> dict:
+    """Where all the host's CPU time went between two readings, in %: busy (user, nice, system,
+    irq, softirq), iowait, idle, and steal: time a vCPU wanted to run while the hypervisor ran
+    something else. {} when no time passed."""
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d)
+    if total <= 0:
+        return {}
+    user, nice, system, idle, iowait, irq, softirq, steal = d
+
+    def pct(x: int) -> float:
+        return round(100.0 * x / total, 1)
+
+    return {"busy": pct(user + nice + system + irq + softirq), "iowait": pct(iowait), "idle": pct(idle), "steal": pct(steal)}
+
+
+class HostCpuSampler:
+    """Reads the host's CPU counters every `interval_s` on a daemon thread while a run lasts, so
+    their shares can be taken over the window locust sent load (its start and stop marks), not
+    over its start-up. On a shared VM the same code and load land far apart from one run to the
+    next; `steal` says how much of that was the hypervisor taking the vCPUs away, `busy` how
+    close the run came to using every core."""
+
+    def __init__(self, interval_s: float = 0.5, read=read_host_cpu, clock=time.time):
+        self.interval_s, self._read, self._clock = interval_s, read, clock
+        self.readings: list[tuple[float, tuple[int, ...]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        c = self._read()
+        if c is not None:
+            self.readings.append((self._clock(), c))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> "HostCpuSampler":
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, name="host-cpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+
+    def window(self, start: float | None = None, stop: float | None = None) -> dict:
+        """Shares between the last reading at or before `start` and the first at or after `stop`
+        (the window is at most one interval wider on each side); the whole run without bounds."""
+        r = self.readings
+        if len(r) < 2:
+            return {}
+        # readings are in time order
+        a = r[0] if start is None else ([x for x in r if x[0] <= start] or r[:1])[-1]
+        b = r[-1] if stop is None else ([x for x in r if x[0] >= stop] or r[-1:])[0]
+        shares = host_cpu_shares(a[1], b[1])
+        return {**shares, "window_s": round(b[0] - a[0], 1)} if shares else {}
 
 
 def run_loadtest(

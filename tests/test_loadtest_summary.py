@@ -97,3 +97,46 @@ def test_host_wakeup_probe_times_round_trips_to_a_child_that_exits():
     assert w["n"] == 50 and w["gap_ms"] == 0.5
     assert 0 < w["p50"] <= w["p90"] <= w["p99"]
     assert set(run._children(os.getpid())) == before  # the echo child was reaped
+
+
+def test_host_cpu_shares_split_the_hosts_cpu_time_and_count_steal():
+    # user nice system idle iowait irq softirq steal, in clock ticks
+    before = (100, 0, 20, 500, 0, 0, 0, 0)
+    after = (160, 0, 40, 600, 10, 0, 0, 10)  # 200 ticks: 80 busy, 100 idle, 10 iowait, 10 stolen
+    assert run.host_cpu_shares(before, after) == {"busy": 40.0, "iowait": 5.0, "idle": 50.0, "steal": 5.0}
+    assert run.host_cpu_shares(after, after) == {}
+
+
+def test_host_cpu_sampler_takes_the_load_window_not_the_whole_run():
+    # a reading a second; the load (locust's marks) ran from t=2 to t=4: busy then, idle before and after
+    ticks = {0: (0, 0, 0, 0, 0, 0, 0, 0), 1: (0, 0, 0, 200, 0, 0, 0, 0), 2: (0, 0, 0, 400, 0, 0, 0, 0),
+             3: (150, 0, 30, 410, 0, 0, 0, 10), 4: (300, 0, 60, 420, 0, 0, 0, 20), 5: (300, 0, 60, 620, 0, 0, 0, 20)}
+    t = iter(range(6))
+    now = [0]
+
+    def read():
+        now[0] = next(t)
+        return ticks[now[0]]
+
+    s = run.HostCpuSampler(read=read, clock=lambda: float(now[0]))
+    for _ in range(6):
+        s.sample()
+    assert s.window(2.0, 4.0) == {"busy": 90.0, "iowait": 0.0, "idle": 5.0, "steal": 5.0, "window_s": 2.0}
+    whole = s.window()
+    assert whole["window_s"] == 5.0 and whole["busy"] == 36.0 and whole["steal"] == 2.0
+    # marks between readings: the window widens to the readings around them
+    assert s.window(2.5, 3.5)["window_s"] == 2.0
+    assert run.HostCpuSampler(read=lambda: None).window() == {}
+
+
+def test_host_cpu_sampler_reads_this_hosts_counters_while_a_run_lasts():
+    with run.HostCpuSampler(interval_s=0.01) as s:
+        x = 0
+        for i in range(200_000):  # some CPU time for the counters to see
+            x += i
+    if run.read_host_cpu() is None:  # no /proc/stat here
+        assert s.window() == {}
+        return
+    assert len(s.readings) >= 2
+    w = s.window()
+    assert set(w) == {"busy", "iowait", "idle", "steal", "window_s"} and 0.0 <= w["busy"] <= 100.0
