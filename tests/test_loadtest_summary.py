@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from loadtest import run
@@ -131,12 +132,39 @@ def test_host_cpu_sampler_takes_the_load_window_not_the_whole_run():
 
 def test_host_cpu_sampler_reads_this_hosts_counters_while_a_run_lasts():
     with run.HostCpuSampler(interval_s=0.01) as s:
-        x = 0
-        for i in range(200_000):  # some CPU time for the counters to see
-            x += i
+        end = time.perf_counter() + 0.2  # long enough for the counters (clock ticks) to move
+        while time.perf_counter() < end:
+            pass
     if run.read_host_cpu() is None:  # no /proc/stat here
         assert s.window() == {}
         return
     assert len(s.readings) >= 2
     w = s.window()
     assert set(w) == {"busy", "iowait", "idle", "steal", "window_s"} and 0.0 <= w["busy"] <= 100.0
+
+
+def test_one_run_reports_the_hosts_cpu_over_the_window_locust_sent_load(tmp_path, monkeypatch):
+    windows = []
+
+    class FakeSampler:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def window(self, start=None, stop=None):
+            windows.append((start, stop))
+            return {"busy": 80.0, "iowait": 0.0, "idle": 15.0, "steal": 5.0, "window_s": 60.0}
+
+    monkeypatch.setattr(run, "HostCpuSampler", FakeSampler)
+    monkeypatch.setattr(run, "_children", lambda pid: [])
+    monkeypatch.setattr(run, "_cpu_seconds", lambda pids: 0.0)
+    monkeypatch.setattr(run, "read_stats", lambda prefix, duration: {"aggregated": {"requests": 0, "failures": 0, "rps": 0.0}})
+    marks = {"start": {"wall": 1000.0, "cpu": 1.0}, "stop": {"wall": 1060.0, "cpu": 2.0}}
+    monkeypatch.setattr(run, "run_locust", lambda *a, **k: (0, 2.0, marks))
+    r = run.one_run(0, 10, 50.0, 60.0, tmp_path, "locust", tmp_path, {}, server_pid=1)
+    assert windows == [(1000.0, 1060.0)] and r["host_cpu_pct"]["steal"] == 5.0
+    monkeypatch.setattr(run, "run_locust", lambda *a, **k: (1, 0.5, {}))  # locust never started its test: the whole run
+    run.one_run(0, 10, 50.0, 60.0, tmp_path, "locust", tmp_path, {}, server_pid=1)
+    assert windows[-1] == (None, None)
